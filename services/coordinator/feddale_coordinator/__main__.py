@@ -1,0 +1,15 @@
+"""`python -m feddale_coordinator`: serve the coordinator on FEDDALE_HOST:FEDDALE_PORT (8000)."""
+
+from feddale.http_common import serve, setup_logging
+
+from feddale_coordinator.app import create_app
+from feddale_coordinator.settings import Settings
+
+
+def main() -> None:
+    setup_logging("coordinator")
+    serve(create_app(Settings.from_env()), default_port=8000)
+
+
+if __name__ == "__main__":
+    main()

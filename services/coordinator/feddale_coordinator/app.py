@@ -1,0 +1,310 @@
+"""The coordinator's HTTP API (FastAPI): admin, client, detector and student-job endpoints.
+
+Who may call what:
+- admin (FEDDALE_ADMIN_TOKEN): start and inspect runs, list clients;
+- anyone holding the bootstrap secret: register a client node or a detector, receiving a
+  per-principal token (stored hashed);
+- client nodes: poll tasks, download the public set and global adapters, upload adapters and
+  accuracy payloads, download students;
+- detectors: download students;
+- the student job (a per-run token carried in the RQ job): read its inputs, publish the student.
+Bytes that cross HTTP on behalf of a run (uploads, public set, adapters, student) are counted
+per client from the actual body sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis
+import rq
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from feddale.config import load_config
+from feddale.deployment import federation_split
+from feddale.http_common import (
+    STUDENT_QUEUE, Metrics, add_ops_routes, bearer_token, read_body, secret_matches,
+)
+
+from feddale_coordinator.artifacts import ArtifactStore
+from feddale_coordinator.runs import ApiError, PublicSet, RunEngine
+from feddale_coordinator.schemas import (
+    SAFE_ID, ClientView, RegisterRequest, Registration, RunCreated, RunRequest, RunView, StudentInfo,
+    TaskResponse, UploadAccepted,
+)
+from feddale_coordinator.settings import Settings
+from feddale_coordinator.store import ClientRecord, RunRecord, Store
+
+log = logging.getLogger(__name__)
+
+OCTET = "application/octet-stream"
+POLL_IDLE_S = 2.0
+POLL_BUSY_S = 0.5
+SafeId = Annotated[str, Path(pattern=SAFE_ID)]
+Digest = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
+Round = Annotated[int, Path(ge=0, le=10_000)]
+
+
+def _public_set(settings: Settings, artifacts: ArtifactStore) -> tuple[Any, PublicSet]:
+    cfg = load_config(settings.config)
+    split = federation_split(cfg.data, cfg.seeds[0], settings.data)
+    public = PublicSet.build(split.public)
+    artifacts.write(("public", f"{public.digest}.json"), public.blob)
+    log.info("public set %s: %d sessions", public.digest[:12], len(public.sessions))
+    return cfg, public
+
+
+def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> FastAPI:
+    """Build the app; the public set is derived and written to the artifact store at startup."""
+    r = redis_client or redis.Redis.from_url(settings.redis_url)
+    store = Store(r)
+    artifacts = ArtifactStore(settings.artifact_dir)
+    metrics = Metrics("feddale_coordinator")
+    cfg, public = _public_set(settings, artifacts)
+    engine = RunEngine(
+        store, artifacts, cfg, public, rq.Queue(STUDENT_QUEUE, connection=r), metrics,
+        client_ttl_s=settings.client_ttl_s, max_upload_bytes=settings.max_upload_bytes,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                try:
+                    await asyncio.to_thread(engine.tick)
+                except redis.RedisError as exc:
+                    log.warning("tick skipped, Redis unavailable: %s", exc)
+                except Exception:
+                    log.exception("tick failed")
+                await asyncio.sleep(settings.tick_s)
+
+        task = asyncio.create_task(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(
+        title="FedDALE coordinator", version="0.1.0", lifespan=lifespan,
+        description="Client registry, federated runs and rounds, FedAvg and student publishing.",
+    )
+    app.state.engine, app.state.store = engine, store
+
+    def readiness() -> dict[str, bool]:
+        return {"redis": store.ping()}
+
+    add_ops_routes(app, metrics, readiness)
+    metrics.gauge_fn("clients_registered", lambda: len(store.clients("client")))
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"state store unavailable: {exc}"}, status_code=503, headers={"Retry-After": "2"})
+
+    # ----------------------------------------------------------------- auth
+
+    def admin(request: Request) -> None:
+        token = bearer_token(request)
+        if secret_matches(token, settings.admin_token):
+            return
+        if store.authenticate(token) is not None:
+            raise HTTPException(403, "this endpoint needs the admin token")
+        raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+
+    def principal(request: Request) -> ClientRecord:
+        token = bearer_token(request)
+        record = store.authenticate(token)
+        if record is None:
+            if secret_matches(token, settings.admin_token):
+                raise HTTPException(403, "this endpoint needs a client or detector token")
+            raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        return record
+
+    def client(who: ClientRecord = Depends(principal)) -> ClientRecord:
+        if who.role != "client":
+            raise HTTPException(403, "this endpoint is for client nodes")
+        store.touch(who.client_id)
+        return who
+
+    def count_down(who: ClientRecord, nbytes: int) -> None:
+        run_id = store.active_run_id()
+        if run_id and who.role == "client":
+            store.add_bytes(run_id, who.client_id, down=nbytes)
+
+    def count_up(run_id: str, who: ClientRecord, nbytes: int) -> None:
+        """Every upload body received for an existing run counts, accepted or not: it crossed."""
+        if store.run(run_id) is not None:
+            store.add_bytes(run_id, who.client_id, up=nbytes)
+
+    # ----------------------------------------------------------------- admin
+
+    @app.post("/v1/runs", status_code=201, response_model=RunCreated, tags=["admin"])
+    def create_run(body: RunRequest, _: None = Depends(admin)) -> RunCreated:
+        """Start a one-shot or few-shot run (409 while another run is active)."""
+        try:
+            run = engine.create(body)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_context=False)
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from exc
+        return RunCreated(run_id=run.run_id, status=run.status)
+
+    @app.get("/v1/runs", tags=["admin"])
+    def list_runs(_: None = Depends(admin)) -> list[dict[str, Any]]:
+        runs = [store.run(i) for i in store.run_ids()]
+        return [
+            {"run_id": x.run_id, "mode": x.mode, "status": x.status, "round": x.round, "reason": x.reason,
+             "student_version": x.student_version, "created_at": x.created_at}
+            for x in runs if x is not None
+        ]
+
+    @app.get("/v1/runs/{run_id}", response_model=RunView, tags=["admin"])
+    def get_run(run_id: SafeId, _: None = Depends(admin)) -> RunView:
+        run = store.run(run_id)
+        if run is None:
+            raise ApiError(404, f"unknown run {run_id!r}")
+        return _run_view(store, run, settings.client_ttl_s)
+
+    @app.get("/v1/clients", tags=["admin"])
+    def list_clients(_: None = Depends(admin)) -> list[dict[str, Any]]:
+        alive = store.alive(settings.client_ttl_s)
+        return [
+            {**c.model_dump(exclude={"token_hash"}), "alive": c.client_id in alive} for c in store.clients()
+        ]
+
+    # ----------------------------------------------------------------- registration
+
+    @app.post("/v1/clients/register", status_code=201, response_model=Registration, tags=["clients"])
+    def register(body: RegisterRequest, request: Request) -> Registration:
+        """Exchange the bootstrap secret for a per-node token (re-registering a name rotates it)."""
+        if not secret_matches(bearer_token(request), settings.bootstrap_secret):
+            raise HTTPException(401, "invalid bootstrap secret", headers={"WWW-Authenticate": "Bearer"})
+        record, token = store.register(body.name, body.role, cfg.data.n_clients)
+        if body.role == "client":
+            store.touch(record.client_id)
+        log.info("registered %s %s as %s (shard %s)", body.role, body.name, record.client_id, record.shard)
+        return Registration(
+            client_id=record.client_id, token=token, role=record.role, shard=record.shard,
+            num_shards=cfg.data.n_clients, data=cfg.data.model_dump(mode="json"), seed=cfg.seeds[0],
+        )
+
+    # ----------------------------------------------------------------- client nodes
+
+    @app.get("/v1/tasks", response_model=TaskResponse, tags=["clients"])
+    def get_task(who: ClientRecord = Depends(client)) -> TaskResponse:
+        """The calling node's work for the active round, or none (poll again after poll_after_s)."""
+        task = engine.task_for(who.client_id)
+        return TaskResponse(task=task, poll_after_s=POLL_BUSY_S if store.active_run_id() else POLL_IDLE_S)
+
+    @app.get("/v1/public/{digest}", tags=["clients"])
+    def get_public(digest: Digest, who: ClientRecord = Depends(client)) -> Response:
+        """The public unlabeled set named by its digest (clients cache it by digest)."""
+        parts = ("public", f"{digest}.json")
+        if not artifacts.exists(parts):
+            raise ApiError(404, f"no public set with digest {digest}")
+        blob = artifacts.read(parts)
+        count_down(who, len(blob))
+        return Response(blob, media_type="application/json")
+
+    @app.get("/v1/runs/{run_id}/rounds/{round_no}/global", tags=["clients"])
+    def get_global(run_id: SafeId, round_no: Round, who: ClientRecord = Depends(client)) -> Response:
+        """The FedAvg global adapter after round `round_no` (round 0: the common initial adapter)."""
+        blob = engine.global_adapter(run_id, round_no)
+        store.add_bytes(run_id, who.client_id, down=len(blob))
+        return Response(blob, media_type=OCTET)
+
+    @app.put("/v1/runs/{run_id}/rounds/{round_no}/adapter", response_model=UploadAccepted, tags=["clients"])
+    async def put_adapter(
+        run_id: SafeId, round_no: Round, request: Request,
+        samples: Annotated[int, Query(ge=1, le=10**9, description="local training sessions (FedAvg weight)")],
+        who: ClientRecord = Depends(client),
+    ) -> dict[str, Any]:
+        """Upload this node's LoRA adapter (safetensors) for a FedAvg round; repeats replace it."""
+        blob = await read_body(request, settings.max_upload_bytes)
+        await run_in_threadpool(count_up, run_id, who, len(blob))
+        return await run_in_threadpool(engine.accept_adapter, run_id, round_no, who.client_id, blob, samples)
+
+    @app.put("/v1/runs/{run_id}/rounds/{round_no}/scores", response_model=UploadAccepted, tags=["clients"])
+    async def put_scores(
+        run_id: SafeId, round_no: Round, request: Request, who: ClientRecord = Depends(client)
+    ) -> dict[str, Any]:
+        """Upload this node's accuracy payload on the public set; repeats replace it."""
+        blob = await read_body(request, settings.max_upload_bytes)
+        await run_in_threadpool(count_up, run_id, who, len(blob))
+        return await run_in_threadpool(engine.accept_scores, run_id, round_no, who.client_id, blob)
+
+    # ----------------------------------------------------------------- students
+
+    @app.get("/v1/students/latest", response_model=StudentInfo, tags=["students"])
+    def latest_student(_: ClientRecord = Depends(principal)) -> StudentInfo:
+        info = store.latest_student()
+        if info is None:
+            raise ApiError(404, "no student has been published yet")
+        return StudentInfo.model_validate(info)
+
+    @app.get("/v1/students/{version}", tags=["students"])
+    def get_student(version: SafeId, who: ClientRecord = Depends(principal)) -> Response:
+        info = store.student(version)
+        if info is None:
+            raise ApiError(404, f"unknown student version {version!r}")
+        blob = artifacts.read(("students", f"{version}.bin"))
+        if who.role == "client":
+            store.add_bytes(info["run_id"], who.client_id, down=len(blob))
+        return Response(blob, media_type=OCTET)
+
+    # ----------------------------------------------------------------- student job
+
+    @app.get("/v1/runs/{run_id}/student-inputs", tags=["student job"])
+    def student_inputs(run_id: SafeId, request: Request) -> dict[str, Any]:
+        """Config, public set and accepted accuracy payloads of a run (per-run job token)."""
+        return engine.student_inputs(run_id, bearer_token(request))
+
+    @app.put("/v1/runs/{run_id}/student", response_model=StudentInfo, tags=["student job"])
+    async def put_student(run_id: SafeId, request: Request) -> StudentInfo:
+        """Publish the run's student artifact (idempotent: a retried job gets the same answer)."""
+        token = bearer_token(request)
+        blob = await read_body(request, settings.max_upload_bytes)
+        return await run_in_threadpool(engine.publish_student, run_id, token, blob)
+
+    return app
+
+
+def _run_view(store: Store, run: RunRecord, ttl_s: float) -> RunView:
+    traffic = store.bytes(run.run_id)
+    alive = store.alive(ttl_s)
+    uploaded_rounds: dict[str, list[int]] = {}
+    for round_no in range(1, run.round + 1):
+        for client_id in store.uploads(run.run_id, round_no):
+            uploaded_rounds.setdefault(client_id, []).append(round_no)
+    clients: dict[str, ClientView] = {}
+    for record in store.clients("client"):
+        seen = record.client_id in traffic or record.client_id in uploaded_rounds
+        if not seen and record.client_id not in store.expected(run.run_id, run.round):
+            continue
+        t = traffic.get(record.client_id, {"up": 0, "down": 0})
+        clients[record.client_id] = ClientView(
+            name=record.name, shard=record.shard, uploaded_rounds=uploaded_rounds.get(record.client_id, []),
+            bytes_up=t["up"], bytes_down=t["down"], alive=record.client_id in alive,
+        )
+    return RunView(
+        run_id=run.run_id, mode=run.mode, status=run.status, reason=run.reason, round=run.round,
+        round_kind=run.round_kind() if run.round else None, fedavg_rounds=run.fedavg_rounds,
+        min_clients=run.min_clients, round_deadline_s=run.round_deadline_s,
+        expected=sorted(store.expected(run.run_id, run.round)) if run.round else [],
+        uploaded=sorted(store.uploads(run.run_id, run.round)) if run.round else [],
+        clients=clients, bytes_up=sum(t["up"] for t in traffic.values()),
+        bytes_down=sum(t["down"] for t in traffic.values()), student_version=run.student_version,
+        public_digest=run.public_digest, public_count=run.public_count,
+        history=[h.model_dump() for h in run.history], config=run.config,
+        created_at=run.created_at, updated_at=run.updated_at,
+    )

@@ -1,0 +1,401 @@
+"""Run lifecycle: rounds open and close, FedAvg, the student job, publishing.
+
+One run is active at a time. Its state moves forward only in :meth:`RunEngine.tick` (called
+every FEDDALE_TICK_S by the app, under the run's Redis lock) and when the student is
+published, so a coordinator restarted at any moment re-reads Redis and continues. Statuses:
+
+    preparing (few-shot: derive the adapter schema and the common initial adapter)
+    -> fedavg (rounds 1..R: clients upload LoRA adapters, the coordinator averages them)
+    -> distill (round R+1: clients upload accuracy payloads on the public set)
+    -> student_training (the RQ job filters pseudo-labels and trains the student)
+    -> published | failed (with a reason)
+
+A round closes when every expected client (alive when it opened, or that asked for its task
+since) has uploaded and at least ``min_clients`` did; after ``round_deadline_s`` it closes with
+whoever uploaded if that is at least ``min_clients``, and the run fails otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import rq
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from feddale import adapters, federation, models
+from feddale.adapters import AdapterError
+from feddale.config import RunConfig
+from feddale.data.types import Session
+from feddale.deployment import public_digest
+from feddale.http_common import STUDENT_JOB, Metrics, hash_token, new_token, token_matches
+from feddale.payload import PayloadError, decode_scores
+from feddale.student import StudentArtifact
+
+from feddale_coordinator.artifacts import ArtifactStore
+from feddale_coordinator.schemas import PublicRef, RunRequest, StudentInfo, Task, merge_config
+from feddale_coordinator.store import FINAL, RoundSummary, RunRecord, Store
+
+log = logging.getLogger(__name__)
+
+JOB_TIMEOUT_S = 6 * 3600
+
+
+class ApiError(Exception):
+    """An error the app turns into an HTTP status with a message that says what is wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class PublicSet:
+    """The coordinator's public unlabeled sessions, as served to clients (JSON) and by digest."""
+
+    sessions: tuple[Session, ...]
+    digest: str
+    blob: bytes
+
+    @classmethod
+    def build(cls, sessions: tuple[Session, ...]) -> PublicSet:
+        if not sessions:
+            raise ValueError("the public set is empty; check FEDDALE_DATA and data.public in the config")
+        digest = public_digest(sessions)
+        body = {"digest": digest, "sessions": [{"id": s.id, "messages": list(s.messages)} for s in sessions]}
+        return cls(sessions=sessions, digest=digest, blob=json.dumps(body).encode())
+
+
+class RunEngine:
+    def __init__(
+        self,
+        store: Store,
+        artifacts: ArtifactStore,
+        base_config: RunConfig,
+        public: PublicSet,
+        queue: rq.Queue,
+        metrics: Metrics,
+        client_ttl_s: float,
+        max_upload_bytes: int,
+    ) -> None:
+        self.store, self.artifacts, self.base_config = store, artifacts, base_config
+        self.public, self.queue, self.metrics = public, queue, metrics
+        self.client_ttl_s, self.max_upload_bytes = client_ttl_s, max_upload_bytes
+
+    # ----------------------------------------------------------------- creating runs
+
+    def create(self, request: RunRequest) -> RunRecord:
+        """Validate the request against the profile and make it the active run (409 if busy)."""
+        cfg = merge_config(self.base_config, request.overrides())  # ValidationError -> 422
+        run_id = f"run-{uuid.uuid4().hex[:12]}"
+        if not self.store.claim_active(run_id):
+            raise ApiError(409, f"run {self.store.active_run_id()} is still active; wait until it ends")
+        now = time.time()
+        run = RunRecord(
+            run_id=run_id, mode=request.mode, status="preparing", fedavg_rounds=cfg.fedavg_rounds,
+            min_clients=request.min_clients, round_deadline_s=request.round_deadline_s,
+            config=cfg.model_dump(mode="json"), created_at=now, updated_at=now,
+            public_digest=self.public.digest, public_count=len(self.public.sessions),
+        )
+        if run.fedavg_rounds == 0:
+            self._open_round(run, 1)
+        else:
+            self.store.save_run(run)
+        self.metrics.inc("runs_created_total", mode=request.mode)
+        log.info("run %s created (%s, %d FedAvg rounds)", run_id, request.mode, run.fedavg_rounds)
+        return run
+
+    # ----------------------------------------------------------------- the state machine
+
+    def tick(self) -> None:
+        """Move the active run forward by whatever has happened since the last tick."""
+        run_id = self.store.active_run_id()
+        if run_id is None:
+            return
+        with self.store.run_lock(run_id):
+            run = self.store.run(run_id)
+            if run is None or run.status in FINAL:
+                self.store.release_active(run_id)
+                return
+            if run.status == "preparing":
+                self._prepare(run)
+            elif run.status in ("fedavg", "distill"):
+                self._maybe_close(run)
+            elif run.status == "student_training":
+                self._check_job(run)
+
+    def _open_round(self, run: RunRecord, round_no: int) -> None:
+        run.round, run.status, run.round_started_at = round_no, run.round_kind(round_no), time.time()
+        self.store.expect(run.run_id, round_no, self.store.alive(self.client_ttl_s) & self._client_ids())
+        self.store.save_run(run)
+        log.info("run %s: round %d (%s) open", run.run_id, round_no, run.status)
+
+    def _client_ids(self) -> set[str]:
+        return {c.client_id for c in self.store.clients("client")}
+
+    def _prepare(self, run: RunRecord) -> None:
+        """Few-shot only: derive the adapter schema and write the common initial adapter (round 0)."""
+        cfg = RunConfig.model_validate(run.config)
+        try:
+            init = self._adapter_schema(cfg, with_initial=True)
+        except Exception as exc:  # an unknown model ref, a failed load: the run cannot start
+            log.exception("run %s: preparing the teacher adapter failed", run.run_id)
+            self._fail(run, f"could not prepare teacher {cfg.teacher_model!r}: {exc}")
+            return
+        self.artifacts.write(("runs", run.run_id, "round-0", "global.safetensors"), init)
+        self._open_round(run, 1)
+
+    def _adapter_schema(self, cfg: RunConfig, with_initial: bool = False) -> Any:
+        """Expected adapter keys/shapes + LoRA meta for this teacher (cached in Redis).
+
+        With ``with_initial`` the seeded initial adapter bytes are returned instead, so every
+        client starts FedAvg from the identical point regardless of its own hardware or seed.
+        """
+        key = f"adapter-schema:{cfg.teacher_model}:r{cfg.teacher_lora_rank}"
+        cached = self.store.cache_json(key)
+        if cached is not None and not with_initial:
+            return cached
+        model, _ = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=cfg.seeds[0])
+        peft = models.add_lora(model, rank=cfg.teacher_lora_rank, task="causal", seed=cfg.seeds[0])
+        meta = models.lora_meta(peft)
+        schema = {"shapes": {k: list(v) for k, v in adapters.adapter_shapes(peft).items()}, "meta": meta}
+        self.store.cache_json(key, schema)
+        if with_initial:
+            return adapters.adapter_to_bytes(adapters.adapter_state(peft), meta)
+        return schema
+
+    def _maybe_close(self, run: RunRecord) -> None:
+        uploads = self.store.uploads(run.run_id, run.round)
+        expected = self.store.expected(run.run_id, run.round)
+        enough = len(uploads) >= run.min_clients
+        if enough and expected <= set(uploads):
+            self._close(run, uploads, "all")
+        elif time.time() >= (run.round_started_at or run.created_at) + run.round_deadline_s:
+            if enough:
+                self._close(run, uploads, "deadline")
+            else:
+                self._fail(
+                    run,
+                    f"round {run.round}: only {len(uploads)} client(s) uploaded before the "
+                    f"{run.round_deadline_s:g} s deadline, fewer than min_clients={run.min_clients}",
+                )
+
+    def _close(self, run: RunRecord, uploads: dict[str, dict[str, Any]], closed_by: Literal["all", "deadline"]) -> None:
+        kind = run.round_kind()
+        if kind == "fedavg":
+            try:
+                self._fedavg(run, uploads)
+            except (AdapterError, federation.FederationError, OSError) as exc:
+                self._fail(run, f"round {run.round}: FedAvg failed: {exc}")
+                return
+        run.history.append(RoundSummary(
+            round=run.round, kind=kind, participants=sorted(uploads), closed_by=closed_by, closed_at=time.time(),
+        ))
+        self.metrics.inc("rounds_closed_total", kind=kind, closed_by=closed_by)
+        log.info("run %s: round %d closed (%s) with %d client(s)", run.run_id, run.round, closed_by, len(uploads))
+        if kind == "fedavg":
+            self._open_round(run, run.round + 1)
+        else:
+            run.status = "student_training"
+            self._enqueue_student(run)
+
+    def _fedavg(self, run: RunRecord, uploads: dict[str, dict[str, Any]]) -> None:
+        cfg = RunConfig.model_validate(run.config)
+        schema = self._adapter_schema(cfg)
+        expected = {k: tuple(v) for k, v in schema["shapes"].items()}
+        ids = sorted(uploads)
+        states = [
+            adapters.adapter_from_bytes(self.artifacts.read(tuple(uploads[c]["path"])), expected)[0] for c in ids
+        ]
+        averaged = federation.fedavg(states, [int(uploads[c]["samples"]) for c in ids])
+        blob = adapters.adapter_to_bytes(averaged, schema["meta"])
+        self.artifacts.write(("runs", run.run_id, f"round-{run.round}", "global.safetensors"), blob)
+
+    def _enqueue_student(self, run: RunRecord) -> None:
+        """Hand the distillation inputs to the student-trainer via RQ (a fresh job token each time).
+
+        The run is saved before enqueueing: a crash in between leaves a run whose job does not
+        exist, which the next tick re-enqueues, so a job is never lost and never doubled.
+        """
+        token = new_token()
+        run.job_id, run.job_token_hash = f"student-{run.run_id}", hash_token(token)
+        self.store.save_run(run)
+        self.queue.enqueue(
+            STUDENT_JOB,
+            kwargs={"run_id": run.run_id, "job_token": token},
+            job_id=run.job_id,
+            retry=rq.Retry(max=2, interval=[2, 10]),
+            job_timeout=JOB_TIMEOUT_S,
+            result_ttl=7 * 24 * 3600,
+            failure_ttl=7 * 24 * 3600,
+        )
+        log.info("run %s: student job %s enqueued", run.run_id, run.job_id)
+
+    def _check_job(self, run: RunRecord) -> None:
+        try:
+            job = Job.fetch(run.job_id or "", connection=self.queue.connection)
+        except NoSuchJobError:
+            log.warning("run %s: student job missing; enqueueing it again", run.run_id)
+            self._enqueue_student(run)
+            return
+        status = job.get_status()
+        if status == JobStatus.FAILED:
+            result = job.latest_result()
+            detail = (result.exc_string or "").strip().splitlines()[-1:] if result else []
+            self._fail(run, f"student training failed after retries: {detail[0] if detail else 'unknown error'}")
+        elif status in (JobStatus.STOPPED, JobStatus.CANCELED):
+            self._fail(run, f"student job was {status.value}")
+        elif status == JobStatus.FINISHED:
+            self._fail(run, "student job finished without publishing a student")
+
+    def _fail(self, run: RunRecord, reason: str) -> None:
+        run.status, run.reason = "failed", reason
+        self.store.save_run(run)
+        self.store.release_active(run.run_id)
+        self.metrics.inc("runs_finished_total", status="failed")
+        log.warning("run %s failed: %s", run.run_id, reason)
+
+    # ----------------------------------------------------------------- client side
+
+    def task_for(self, client_id: str) -> Task | None:
+        """The work this client still owes the active run's open round, if any."""
+        run_id = self.store.active_run_id()
+        run = self.store.run(run_id) if run_id else None
+        if run is None or run.status not in ("fedavg", "distill"):
+            return None
+        if client_id in self.store.uploads(run.run_id, run.round):
+            return None
+        self.store.expect(run.run_id, run.round, [client_id])  # a late joiner is waited for too
+        global_adapter = None
+        if run.fedavg_rounds:
+            global_adapter = f"/v1/runs/{run.run_id}/rounds/{run.round - 1}/global"
+        public = None
+        if run.round_kind() == "distill":
+            public = PublicRef(digest=run.public_digest, count=run.public_count, path=f"/v1/public/{run.public_digest}")
+        return Task(
+            run_id=run.run_id, round=run.round, kind=run.round_kind(), config=run.config,
+            global_adapter=global_adapter, public=public,
+            deadline_at=(run.round_started_at or run.created_at) + run.round_deadline_s,
+        )
+
+    def _open_run(self, run_id: str, round_no: int, kind: str) -> RunRecord:
+        run = self.store.run(run_id)
+        if run is None:
+            raise ApiError(404, f"unknown run {run_id!r}")
+        if run.status != kind or run.round != round_no:
+            raise ApiError(
+                409, f"run {run_id} is not collecting {kind} uploads for round {round_no} "
+                f"(status {run.status}, round {run.round})",
+            )
+        return run
+
+    def accept_adapter(self, run_id: str, round_no: int, client_id: str, blob: bytes, samples: int) -> dict[str, Any]:
+        """Validate and store one client's LoRA adapter for a FedAvg round (last upload wins)."""
+        run = self._open_run(run_id, round_no, "fedavg")
+        schema = self._adapter_schema(RunConfig.model_validate(run.config))
+        expected = {k: tuple(v) for k, v in schema["shapes"].items()}
+        try:
+            adapters.adapter_from_bytes(blob, expected, max_bytes=self.max_upload_bytes)
+        except AdapterError as exc:
+            self.metrics.inc("uploads_rejected_total", kind="adapter")
+            raise ApiError(422, f"adapter rejected: {exc}") from exc
+        return self._commit(run, client_id, blob, "adapters", "safetensors", {"samples": samples})
+
+    def accept_scores(self, run_id: str, round_no: int, client_id: str, blob: bytes) -> dict[str, Any]:
+        """Validate and store one client's accuracy payload for the distillation round."""
+        run = self._open_run(run_id, round_no, "distill")
+        try:
+            header, _ = decode_scores(
+                blob, public_digest=run.public_digest, run_id=run_id, round=round_no,
+                count=run.public_count, max_bytes=self.max_upload_bytes,
+            )
+        except PayloadError as exc:
+            self.metrics.inc("uploads_rejected_total", kind="scores")
+            raise ApiError(422, f"accuracy payload rejected: {exc}") from exc
+        if header.client_id != client_id:
+            self.metrics.inc("uploads_rejected_total", kind="scores")
+            raise ApiError(403, f"payload is signed for client {header.client_id!r}, not for you ({client_id!r})")
+        return self._commit(run, client_id, blob, "scores", "bin", {})
+
+    def _commit(
+        self, run: RunRecord, client_id: str, blob: bytes, folder: str, ext: str, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the upload under a content-addressed name, then record it if the round is still open."""
+        sha = hashlib.sha256(blob).hexdigest()
+        parts = ("runs", run.run_id, f"round-{run.round}", folder, f"{client_id}-{sha[:16]}.{ext}")
+        self.artifacts.write(parts, blob)
+        with self.store.run_lock(run.run_id):
+            current = self.store.run(run.run_id)
+            if current is None or current.status != run.status or current.round != run.round:
+                raise ApiError(409, f"round {run.round} of run {run.run_id} closed while the upload arrived")
+            replaced = client_id in self.store.uploads(run.run_id, run.round)
+            info = {"path": list(parts), "sha256": sha, "bytes": len(blob), "at": time.time(), **extra}
+            self.store.put_upload(run.run_id, run.round, client_id, info)
+        self.metrics.inc("uploads_accepted_total", kind=folder)
+        return {"run_id": run.run_id, "round": run.round, "client_id": client_id, "bytes": len(blob),
+                "sha256": sha, "replaced": replaced}
+
+    def global_adapter(self, run_id: str, round_no: int) -> bytes:
+        parts = ("runs", run_id, f"round-{round_no}", "global.safetensors")
+        try:
+            if self.artifacts.exists(parts):
+                return self.artifacts.read(parts)
+        except ValueError:
+            pass
+        raise ApiError(404, f"no global adapter for run {run_id!r} round {round_no}")
+
+    # ----------------------------------------------------------------- student-trainer side
+
+    def _job_run(self, run_id: str, token: str) -> RunRecord:
+        run = self.store.run(run_id)
+        if run is None or not run.job_token_hash or not token_matches(token, run.job_token_hash):
+            raise ApiError(401, "invalid job token for this run")
+        return run
+
+    def student_inputs(self, run_id: str, token: str) -> dict[str, Any]:
+        """Everything the student job needs: config, the public set and every accepted payload."""
+        run = self._job_run(run_id, token)
+        if run.status != "student_training":
+            raise ApiError(409, f"run {run_id} is {run.status}, not waiting for a student")
+        uploads = self.store.uploads(run.run_id, run.round)
+        payloads = {c: base64.b64encode(self.artifacts.read(tuple(u["path"]))).decode() for c, u in uploads.items()}
+        return {
+            "run_id": run.run_id, "round": run.round, "config": run.config,
+            "public": json.loads(self.artifacts.read(("public", f"{run.public_digest}.json"))),
+            "public_count": run.public_count, "payloads": payloads,
+        }
+
+    def publish_student(self, run_id: str, token: str, blob: bytes) -> StudentInfo:
+        """Store and publish the run's student; a retried job's second upload is a no-op."""
+        run = self._job_run(run_id, token)
+        with self.store.run_lock(run_id):
+            run = self.store.run(run_id) or run
+            if run.status == "published" and run.student_version:
+                return StudentInfo.model_validate(self.store.student(run.student_version))
+            if run.status != "student_training":
+                raise ApiError(409, f"run {run_id} is {run.status}, not waiting for a student")
+            try:
+                artifact = StudentArtifact.from_bytes(blob)
+            except ValueError as exc:
+                raise ApiError(422, f"student artifact rejected: {exc}") from exc
+            version = artifact.version
+            parts = ("students", f"{version}.bin")
+            sha = self.artifacts.write(parts, blob)
+            info = StudentInfo(
+                version=version, run_id=run_id, base_model=artifact.meta.base, published_at=time.time(),
+                bytes=len(blob), sha256=sha, path=f"/v1/students/{version}",
+            )
+            self.store.publish_student(info.model_dump())
+            run.status, run.student_version = "published", version
+            self.store.save_run(run)
+            self.store.release_active(run_id)
+        self.metrics.inc("runs_finished_total", status="published")
+        log.info("run %s: student %s published", run_id, version)
+        return info

@@ -1,0 +1,171 @@
+"""Request and response bodies of the coordinator API (pydantic at the edge, 422 names the field)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from feddale.config import RunConfig
+
+SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class RunRequest(BaseModel):
+    """Start a run. Unset fields come from the coordinator's configured profile.
+
+    ``teacher``/``score``/``student`` are partial overrides of those config sections, e.g.
+    ``{"teacher": {"steps": 20}}``; ``k`` sets both ``k_normal`` and ``k_anomalous``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["one_shot", "few_shot"]
+    fedavg_rounds: int | None = Field(None, ge=1, le=50, description="few_shot only; default 3")
+    min_clients: int = Field(1, ge=1, le=10_000)
+    round_deadline_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+    filter: Literal["mean", "max", "none", "rank_mean"] | None = None
+    selection: Literal["plain", "distinct"] | None = None
+    k: int | None = Field(None, ge=1)
+    k_normal: int | None = Field(None, ge=1)
+    k_anomalous: int | None = Field(None, ge=1)
+    teacher_model: str | None = Field(None, min_length=1, max_length=512)
+    student_model: str | None = Field(None, min_length=1, max_length=512)
+    quantization: Literal["auto", "none", "4bit"] | None = None
+    teacher_lora_rank: int | None = Field(None, ge=1, le=256)
+    teacher: dict[str, Any] | None = None
+    score: dict[str, Any] | None = None
+    student: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _mode_and_rounds(self) -> RunRequest:
+        if self.mode == "one_shot" and self.fedavg_rounds is not None:
+            raise ValueError("fedavg_rounds is only valid with mode 'few_shot'")
+        if self.k is not None and (self.k_normal is not None or self.k_anomalous is not None):
+            raise ValueError("give either k or k_normal/k_anomalous, not both")
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        """The RunConfig fields this request changes (nested sections merged, not replaced)."""
+        out: dict[str, Any] = {"fedavg_rounds": (self.fedavg_rounds or 3) if self.mode == "few_shot" else 0}
+        for name in ("filter", "selection", "k_normal", "k_anomalous", "teacher_model", "quantization",
+                     "teacher_lora_rank"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.k is not None:
+            out["k_normal"] = out["k_anomalous"] = self.k
+        if self.seed is not None:
+            out["seeds"] = [self.seed]
+        for section in ("teacher", "score", "student"):
+            if getattr(self, section):
+                out[section] = dict(getattr(self, section))
+        if self.student_model is not None:
+            out.setdefault("student", {})["base"] = self.student_model
+        return out
+
+
+def merge_config(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Apply request overrides to the profile; validation errors keep their field paths."""
+    raw = base.model_dump(mode="json")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return RunConfig.model_validate(raw)
+
+
+class RunCreated(BaseModel):
+    run_id: str
+    status: str
+
+
+class ClientView(BaseModel):
+    name: str
+    shard: int | None
+    uploaded_rounds: list[int]
+    bytes_up: int
+    bytes_down: int
+    alive: bool
+
+
+class RunView(BaseModel):
+    run_id: str
+    mode: str
+    status: str
+    reason: str | None
+    round: int
+    round_kind: str | None
+    fedavg_rounds: int
+    min_clients: int
+    round_deadline_s: float
+    expected: list[str]
+    uploaded: list[str]
+    clients: dict[str, ClientView]
+    bytes_up: int
+    bytes_down: int
+    student_version: str | None
+    public_digest: str
+    public_count: int
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
+    role: Literal["client", "detector"] = "client"
+
+
+class Registration(BaseModel):
+    client_id: str
+    token: str
+    role: str
+    shard: int | None
+    num_shards: int
+    data: dict[str, Any]
+    seed: int
+
+
+class PublicRef(BaseModel):
+    digest: str
+    count: int
+    path: str
+
+
+class Task(BaseModel):
+    run_id: str
+    round: int
+    kind: Literal["fedavg", "distill"]
+    config: dict[str, Any]
+    global_adapter: str | None
+    public: PublicRef | None
+    deadline_at: float
+
+
+class TaskResponse(BaseModel):
+    task: Task | None
+    poll_after_s: float
+
+
+class UploadAccepted(BaseModel):
+    run_id: str
+    round: int
+    client_id: str
+    bytes: int
+    sha256: str
+    replaced: bool
+
+
+class StudentInfo(BaseModel):
+    version: str
+    run_id: str
+    base_model: str
+    published_at: float
+    bytes: int
+    sha256: str
+    path: str

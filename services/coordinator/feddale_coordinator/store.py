@@ -1,0 +1,234 @@
+"""Coordinator state in Redis: client registry, runs, rounds, uploads and byte counters.
+
+Everything the coordinator must remember lives here (or on disk in the artifact store), so a
+restarted coordinator picks a run up where it was. Run documents are JSON values changed only
+under a per-run Redis lock; per-round sets (expected clients, uploads) use Redis' own atomic
+set/hash operations so concurrent requests cannot lose each other's updates.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel
+
+from feddale.http_common import hash_token, new_token, token_matches
+
+P = "feddale:"
+Role = Literal["client", "detector"]
+RunStatus = Literal["preparing", "fedavg", "distill", "student_training", "published", "failed"]
+FINAL = ("published", "failed")
+
+
+class ClientRecord(BaseModel):
+    client_id: str
+    name: str
+    role: Role
+    token_hash: str
+    shard: int | None
+    registered_at: float
+
+
+class RoundSummary(BaseModel):
+    round: int
+    kind: Literal["fedavg", "distill"]
+    participants: list[str]
+    closed_by: Literal["all", "deadline"]
+    closed_at: float
+
+
+class RunRecord(BaseModel):
+    run_id: str
+    mode: Literal["one_shot", "few_shot"]
+    status: RunStatus
+    reason: str | None = None
+    round: int = 0
+    fedavg_rounds: int
+    min_clients: int
+    round_deadline_s: float
+    config: dict[str, Any]
+    created_at: float
+    updated_at: float
+    round_started_at: float | None = None
+    public_digest: str
+    public_count: int
+    student_version: str | None = None
+    job_id: str | None = None
+    job_token_hash: str | None = None
+    history: list[RoundSummary] = []
+
+    def round_kind(self, round_no: int | None = None) -> Literal["fedavg", "distill"]:
+        return "fedavg" if (round_no or self.round) <= self.fedavg_rounds else "distill"
+
+
+class Store:
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except redis.RedisError:
+            return False
+
+    # ----------------------------------------------------------------- clients
+
+    def register(self, name: str, role: Role, num_shards: int) -> tuple[ClientRecord, str]:
+        """(Re-)register ``name``: same name keeps its id and shard and gets a fresh token.
+
+        A restarted node (same container hostname or configured name) thus rejoins as itself,
+        while N fresh replicas get N distinct shards: the lowest shard nobody holds, or, once
+        all are held, round-robin (more replicas than shards share shards).
+        """
+        token_secret = new_token()
+        with self.r.lock(P + "lock:registry", timeout=10, blocking_timeout=10):
+            existing_id = self.r.hget(P + "client_names", name)
+            if existing_id is not None:
+                record = self.client(existing_id.decode())
+                if record is not None and record.role == role:
+                    token = f"{record.client_id}.{token_secret}"
+                    record = record.model_copy(update={"token_hash": hash_token(token)})
+                    self.r.hset(P + "clients", record.client_id, record.model_dump_json())
+                    return record, token
+            client_id = f"{role[0]}-{uuid.uuid4().hex[:12]}"
+            shard = None
+            if role == "client":
+                held = [c.shard for c in self.clients("client") if c.shard is not None]
+                free = [s for s in range(num_shards) if s not in held]
+                shard = free[0] if free else len(held) % num_shards
+            token = f"{client_id}.{token_secret}"
+            record = ClientRecord(
+                client_id=client_id, name=name, role=role, token_hash=hash_token(token),
+                shard=shard, registered_at=time.time(),
+            )
+            pipe = self.r.pipeline()
+            pipe.hset(P + "clients", client_id, record.model_dump_json())
+            pipe.hset(P + "client_names", name, client_id)
+            pipe.execute()
+            return record, token
+
+    def client(self, client_id: str) -> ClientRecord | None:
+        raw = self.r.hget(P + "clients", client_id)
+        return ClientRecord.model_validate_json(raw) if raw else None
+
+    def authenticate(self, token: str) -> ClientRecord | None:
+        """The registered principal a token belongs to, or None (constant-time hash compare)."""
+        client_id, sep, _ = token.partition(".")
+        if not sep:
+            return None
+        record = self.client(client_id)
+        if record is None or not token_matches(token, record.token_hash):
+            return None
+        return record
+
+    def clients(self, role: Role | None = None) -> list[ClientRecord]:
+        records = [ClientRecord.model_validate_json(v) for v in self.r.hvals(P + "clients")]
+        return sorted((c for c in records if role is None or c.role == role), key=lambda c: c.registered_at)
+
+    def touch(self, client_id: str) -> None:
+        self.r.zadd(P + "last_seen", {client_id: time.time()})
+
+    def alive(self, ttl_s: float) -> set[str]:
+        since = time.time() - ttl_s
+        return {m.decode() for m in self.r.zrangebyscore(P + "last_seen", since, "+inf")}
+
+    # ----------------------------------------------------------------- runs
+
+    @contextmanager
+    def run_lock(self, run_id: str) -> Iterator[None]:
+        with self.r.lock(P + f"lock:run:{run_id}", timeout=600, blocking_timeout=600):
+            yield
+
+    def claim_active(self, run_id: str) -> bool:
+        """Make ``run_id`` the one active run; False when another run is still going."""
+        return bool(self.r.set(P + "active_run", run_id, nx=True))
+
+    def active_run_id(self) -> str | None:
+        raw = self.r.get(P + "active_run")
+        return raw.decode() if raw else None
+
+    def release_active(self, run_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.watch(P + "active_run")
+        if pipe.get(P + "active_run") == run_id.encode():
+            pipe.multi()
+            pipe.delete(P + "active_run")
+            pipe.execute()
+        else:
+            pipe.reset()
+
+    def save_run(self, run: RunRecord) -> None:
+        run.updated_at = time.time()
+        pipe = self.r.pipeline()
+        pipe.set(P + f"run:{run.run_id}", run.model_dump_json())
+        pipe.zadd(P + "runs", {run.run_id: run.created_at}, nx=True)
+        pipe.execute()
+
+    def run(self, run_id: str) -> RunRecord | None:
+        raw = self.r.get(P + f"run:{run_id}")
+        return RunRecord.model_validate_json(raw) if raw else None
+
+    def run_ids(self) -> list[str]:
+        return [m.decode() for m in self.r.zrange(P + "runs", 0, -1)]
+
+    # ----------------------------------------------------------------- rounds
+
+    def expect(self, run_id: str, round_no: int, client_ids: set[str] | list[str]) -> None:
+        if client_ids:
+            self.r.sadd(P + f"run:{run_id}:round:{round_no}:expected", *client_ids)
+
+    def expected(self, run_id: str, round_no: int) -> set[str]:
+        return {m.decode() for m in self.r.smembers(P + f"run:{run_id}:round:{round_no}:expected")}
+
+    def put_upload(self, run_id: str, round_no: int, client_id: str, info: dict[str, Any]) -> None:
+        """Record an accepted upload; a repeat from the same client overwrites (counted once)."""
+        self.r.hset(P + f"run:{run_id}:round:{round_no}:uploads", client_id, json.dumps(info))
+
+    def uploads(self, run_id: str, round_no: int) -> dict[str, dict[str, Any]]:
+        raw = self.r.hgetall(P + f"run:{run_id}:round:{round_no}:uploads")
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def add_bytes(self, run_id: str, client_id: str, *, up: int = 0, down: int = 0) -> None:
+        pipe = self.r.pipeline()
+        if up:
+            pipe.hincrby(P + f"run:{run_id}:bytes", f"{client_id}:up", up)
+        if down:
+            pipe.hincrby(P + f"run:{run_id}:bytes", f"{client_id}:down", down)
+        pipe.execute()
+
+    def bytes(self, run_id: str) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for field, value in self.r.hgetall(P + f"run:{run_id}:bytes").items():
+            client_id, _, direction = field.decode().rpartition(":")
+            out.setdefault(client_id, {"up": 0, "down": 0})[direction] = int(value)
+        return out
+
+    # ----------------------------------------------------------------- students and public sets
+
+    def publish_student(self, info: dict[str, Any]) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(P + "students", info["version"], json.dumps(info))
+        pipe.set(P + "student:latest", info["version"])
+        pipe.execute()
+
+    def student(self, version: str) -> dict[str, Any] | None:
+        raw = self.r.hget(P + "students", version)
+        return json.loads(raw) if raw else None
+
+    def latest_student(self) -> dict[str, Any] | None:
+        version = self.r.get(P + "student:latest")
+        return self.student(version.decode()) if version else None
+
+    def cache_json(self, key: str, value: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Small JSON values the coordinator derives once (adapter schemas)."""
+        if value is not None:
+            self.r.hset(P + "cache", key, json.dumps(value))
+            return value
+        raw = self.r.hget(P + "cache", key)
+        return json.loads(raw) if raw else None

@@ -1,0 +1,1 @@
+"""FedDALE detector: serves the latest published student over REST (`POST /v1/detect`)."""

@@ -1,0 +1,60 @@
+"""The detector's HTTP API: /v1/detect and /v1/model over the latest published student.
+
+A follower thread polls the coordinator and loads each newly published student next to the
+one serving; the swap is atomic, so no request fails or mixes versions during an update.
+The detector registers with the bootstrap secret as role `detector`: its token can read
+students and nothing else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from feddale.http_common import CoordinatorSession, Metrics, add_ops_routes
+from feddale.serving import MicroBatcher, ModelSlot, add_detect_routes, coordinator_follower
+
+from feddale_detector.settings import Settings
+
+
+def create_app(settings: Settings, transport: httpx.BaseTransport | None = None) -> FastAPI:
+    stop = threading.Event()
+    session = CoordinatorSession(
+        settings.coordinator_url, settings.bootstrap_secret, settings.name, "detector", transport=transport, stop=stop
+    )
+    metrics = Metrics("feddale_detector")
+    slot = ModelSlot()
+    batcher = MicroBatcher(slot, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000, metrics=metrics)
+    follower = coordinator_follower(session, slot, cache_dir=settings.state_dir)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        thread = threading.Thread(target=follower.run, args=(stop, settings.student_poll_s), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            await batcher.stop()
+            session.close()
+
+    app = FastAPI(title="FedDALE detector", version="0.1.0", lifespan=lifespan,
+                  description="Log-session anomaly detection with the latest published student.")
+    app.state.slot = slot
+
+    def readiness() -> dict[str, bool]:
+        try:
+            coordinator = session.http.get("/healthz", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            coordinator = False
+        return {"coordinator": coordinator}
+
+    add_ops_routes(app, metrics, readiness)
+    add_detect_routes(app, slot, batcher, metrics)
+    metrics.gauge_fn("model_loaded", lambda: 0.0 if slot.current is None else 1.0)
+    return app

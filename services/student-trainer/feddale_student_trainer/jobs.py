@@ -1,0 +1,68 @@
+"""The student job: coordinator inputs in, a published student out, all over HTTP.
+
+The worker shares no filesystem with the coordinator: it downloads the run's config, public
+set and accuracy payloads, re-checks every payload against the public set it received,
+aggregates, selects the pseudo-labels, trains the student and uploads it. Any failure raises,
+so RQ retries the job; publishing is idempotent on the coordinator, so a retry after a
+successful upload publishes nothing twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import httpx
+import numpy as np
+
+from feddale.config import RunConfig
+from feddale.data.types import Session
+from feddale.deployment import public_digest
+from feddale.federation import aggregate_scores, select_pseudo_labels
+from feddale.http_common import DEFAULT_COORDINATOR_URL, auth_headers, check, env, http_client
+from feddale.payload import decode_scores
+from feddale.student import train_student
+
+log = logging.getLogger(__name__)
+
+
+def train_student_job(
+    run_id: str,
+    job_token: str,
+    coordinator_url: str | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> dict[str, Any]:
+    """Train and publish the student of ``run_id``; returns what was published."""
+    url = coordinator_url or env("FEDDALE_COORDINATOR_URL", DEFAULT_COORDINATOR_URL) or DEFAULT_COORDINATOR_URL
+    kwargs: dict[str, Any] = {"transport": transport} if transport is not None else {}
+    headers = auth_headers(job_token)
+    with http_client(url, timeout=600.0, **kwargs) as http:
+        inputs = check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json()
+        cfg = RunConfig.model_validate(inputs["config"])
+        public = [Session(id=s["id"], messages=tuple(s["messages"])) for s in inputs["public"]["sessions"]]
+        digest = public_digest(public)
+        if digest != inputs["public"]["digest"] or len(public) != inputs["public_count"]:
+            raise ValueError(f"run {run_id}: the public set received does not match its digest")
+        if not inputs["payloads"]:
+            raise ValueError(f"run {run_id}: no accuracy payloads to learn from")
+        matrix = np.stack([
+            decode_scores(base64.b64decode(blob), public_digest=digest, run_id=run_id,
+                          round=inputs["round"], count=len(public))[1]
+            for _, blob in sorted(inputs["payloads"].items())
+        ])
+        texts = [s.text for s in public]
+        selection = select_pseudo_labels(
+            aggregate_scores(matrix, cfg.filter), texts, cfg.k_normal, cfg.k_anomalous, cfg.selection
+        )
+        log.info("run %s: %d clients, %d pseudo-labelled rows", run_id, matrix.shape[0], len(selection.texts))
+        artifact = train_student(
+            selection.texts, selection.labels, cfg.student.model_copy(update={"seed": cfg.seeds[0]}),
+            weights=selection.weights, progress=False,
+        )
+        published = check(http.put(
+            f"/v1/runs/{run_id}/student", content=artifact.to_bytes(),
+            headers={**headers, "Content-Type": "application/octet-stream"},
+        )).json()
+    log.info("run %s: student %s published", run_id, published["version"])
+    return {"version": published["version"], "clients": int(matrix.shape[0]), "rows": len(selection.texts)}

@@ -1,0 +1,108 @@
+"""`feddale` command line: simulate, data, up, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from feddale.config import load_config, parse_override
+    from feddale.simulate import simulate
+
+    overrides = dict(parse_override(item) for item in args.set)
+    if args.data:
+        overrides["data.source"] = args.data
+    if args.seeds:
+        overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out or f"runs/simulate-{cfg.name}")
+    results = simulate(cfg, out, progress=not args.quiet)
+    print(json.dumps(results["summary"], indent=2))
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _data_fetch(args: argparse.Namespace) -> int:
+    from feddale.data.fetch import fetch_main
+
+    if args.dataset != "hdfs":
+        raise SystemExit(f"unknown data set {args.dataset!r}: only 'hdfs' can be fetched")
+    return fetch_main(args.dest)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from feddale.launcher import up
+
+    return up(
+        clients=args.clients,
+        data=args.data,
+        config=args.config,
+        coordinator_port=args.coordinator_port,
+        detector_port=args.detector_port,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from feddale.demo import demo
+
+    return demo(clients=args.clients, config=args.config, data=args.data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feddale", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run a whole federation in one process and evaluate it")
+    sim.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
+    sim.add_argument("--data", help="data source: synthetic, hdfs-csv:DIR, hdfs-raw:LOG[,LABELS], or a path")
+    sim.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    sim.add_argument("--out", help="output folder (default runs/simulate-<profile>)")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set teacher.steps=20 (repeatable)")
+    sim.add_argument("--quiet", action="store_true", help="no progress bars")
+    sim.set_defaults(func=_simulate)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="download and convert a public log data set (needs network)")
+    fetch.add_argument("dataset", help="hdfs")
+    fetch.add_argument("--dest", help="target folder (default $FEDDALE_DATA_DIR or ~/.cache/feddale/data)")
+    fetch.set_defaults(func=_data_fetch)
+
+    up = sub.add_parser("up", help="start Redis, coordinator, trainer, detector and N client nodes locally")
+    up.add_argument("--clients", type=int, default=4)
+    up.add_argument("--data", help="data source for the client nodes and the public set")
+    up.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
+    up.add_argument("--coordinator-port", type=int, default=8000)
+    up.add_argument("--detector-port", type=int, default=8001)
+    up.add_argument("--log-dir", help="folder for all service logs")
+    up.set_defaults(func=_up)
+
+    demo = sub.add_parser("demo", help="local federation + one-shot run + evaluation table")
+    demo.add_argument("--clients", type=int, default=4)
+    demo.add_argument("--config", default="cpu")
+    demo.add_argument("--data")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"feddale: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Run configuration: one pydantic model shared by the simulator, the services and the benchmarks.
+
+Profiles live as YAML files in the repository's `configs/` folder (`tiny`, `cpu`, `paper`); a profile
+name or a file path both resolve through `load_config`, so every entry point speaks the same language.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from feddale.student import StudentConfig
+from feddale.teacher import ScoreConfig, TeacherTrainConfig
+
+PROFILES = ("tiny", "cpu", "paper")
+
+
+class DataConfig(BaseModel):
+    """Where sessions come from and how the harness splits them (disjoint by session)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "auto"
+    n_clients: int = Field(4, ge=1)
+    public: tuple[int, int] = (1000, 1000)
+    test: tuple[int, int] = (1000, 1000)
+    validation: tuple[int, int] = (500, 500)
+    client_anomaly_rate: float = Field(0.03, ge=0.0, lt=1.0)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0.0)
+    max_client_sessions: int | None = Field(None, ge=1)
+
+
+class RunConfig(BaseModel):
+    """Everything one federation run needs; defaults are the paper's recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    teacher_model: str = "builtin:smollm2-135m"
+    quantization: Literal["auto", "none", "4bit"] = "auto"
+    teacher_lora_rank: int = Field(8, ge=1)
+    teacher: TeacherTrainConfig = TeacherTrainConfig()
+    score: ScoreConfig = ScoreConfig()
+    fedavg_rounds: int = Field(0, ge=0, le=50)
+    filter: Literal["mean", "max", "none", "rank_mean"] = "mean"
+    selection: Literal["plain", "distinct"] = "plain"
+    k_normal: int = Field(200, ge=1)
+    k_anomalous: int = Field(200, ge=1)
+    student: StudentConfig = StudentConfig()
+    data: DataConfig = DataConfig()
+    baseline: bool = True
+    baseline_max_test: int | None = Field(None, ge=2)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+
+def configs_dir() -> Path:
+    """The repository's `configs/` folder (or `$FEDDALE_CONFIG_DIR`), found from this file or the cwd."""
+    env = os.environ.get("FEDDALE_CONFIG_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        "no configs/ folder found; set FEDDALE_CONFIG_DIR or pass a config file path"
+    )
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a profile (`tiny`, `cpu`, `paper`) or a YAML/JSON file, then apply dotted overrides."""
+    path = Path(name_or_path)
+    if name_or_path in PROFILES:
+        path = configs_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config {name_or_path!r} is neither a profile ({', '.join(PROFILES)}) nor an existing file"
+        )
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return RunConfig.model_validate(raw)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`teacher.steps=20` -> ("teacher.steps", 20); values are parsed as YAML scalars/lists."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {text!r} must look like section.field=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value

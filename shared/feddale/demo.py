@@ -1,0 +1,151 @@
+"""`make demo` / `feddale demo`: a real local federation, one one-shot run, an honest scorecard.
+
+Starts every service as its own process (:class:`~feddale.launcher.LocalFederation`), starts a
+one-shot run over REST, shows its progress, then evaluates the published student *through the
+detector's* `POST /v1/detect` on the held-out test split. This harness is the only place labels
+are read, and only to score the answers; nothing here feeds back into the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from feddale import metrics
+from feddale.config import load_config
+from feddale.deployment import federation_split, resolve_source
+from feddale.http_common import chunked, poll_until
+from feddale.launcher import LocalFederation
+
+DETECT_BATCH = 32
+
+
+def _progress(admin: httpx.Client, run_id: str, timeout_s: float) -> dict[str, Any]:
+    """Poll the run, printing a line whenever its state changes; returns the final view."""
+    start, last, view = time.monotonic(), "", {}
+    while time.monotonic() - start < timeout_s:
+        view = admin.get(f"/v1/runs/{run_id}").json()
+        line = (f"  [{time.monotonic() - start:6.0f} s] {view['status']:<16} round {view['round']}"
+                f"  uploads {len(view['uploaded'])}/{len(view['expected'])}")
+        if line.split("]", 1)[1] != last:
+            print(line, flush=True)
+            last = line.split("]", 1)[1]
+        if view["status"] in ("published", "failed"):
+            return view
+        time.sleep(2.0)
+    raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s (last status {view.get('status')})")
+
+
+def _evaluate(detector_url: str, test: list[Any]) -> dict[str, Any]:
+    """Send the test split to /v1/detect in batches; F1 etc. from its answers, plus latency."""
+    scores: list[float] = []
+    latencies: list[float] = []
+    versions: set[str] = set()
+    with httpx.Client(base_url=detector_url, timeout=300) as http:
+        for batch in chunked(test, DETECT_BATCH):
+            body = {"sessions": [{"id": ls.session.id, "messages": list(ls.session.messages)} for ls in batch]}
+            start = time.perf_counter()
+            response = http.post("/v1/detect", json=body)
+            latencies.append(time.perf_counter() - start)
+            response.raise_for_status()
+            answer = response.json()
+            versions.add(answer["model_version"])
+            scores.extend(r["score"] for r in answer["results"])
+    report = metrics.binary_report([ls.label for ls in test], scores, threshold=0.5)
+    report["model_versions"] = sorted(versions)
+    report["latency_ms_p50"] = 1000 * statistics.median(latencies)
+    report["latency_ms_p95"] = 1000 * float(np.percentile(latencies, 95))
+    report["sessions_per_s"] = len(test) / sum(latencies)
+    return report
+
+
+def _adapter_bytes(cfg: Any) -> int:
+    """Size of one teacher LoRA adapter on the wire: what each client would send per FedAvg round."""
+    from feddale import adapters, models
+
+    base, _ = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=cfg.seeds[0])
+    peft = models.add_lora(base, rank=cfg.teacher_lora_rank, task="causal", seed=cfg.seeds[0])
+    return len(adapters.adapter_to_bytes(adapters.adapter_state(peft), models.lora_meta(peft)))
+
+
+def demo(clients: int = 4, config: str = "cpu", data: str | None = None) -> int:
+    """Run the demo; returns the process exit code (0 when a student was published and evaluated)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would drown the progress
+    overrides: dict[str, Any] = {"data.n_clients": clients}
+    if data:
+        overrides["data.source"] = data
+    cfg = load_config(config, overrides)
+    source = resolve_source(cfg.data, data)
+    out = Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"FedDALE demo: {clients} client nodes, config {config!r}, data {source!r}")
+    print(f"teacher {cfg.teacher_model}, student {cfg.student.base}; logs in {out / 'logs'}")
+    wall = time.monotonic()
+    with LocalFederation(clients, config, source, log_dir=out) as fed:
+        print(f"services up in {time.monotonic() - wall:.0f} s: coordinator {fed.coordinator_url}, "
+              f"detector {fed.detector_url}")
+        with fed.admin() as admin:
+            created = admin.post("/v1/runs", json={"mode": "one_shot", "min_clients": clients})
+            created.raise_for_status()
+            run_id = created.json()["run_id"]
+            print(f"one-shot run {run_id} started")
+            view = _progress(admin, run_id, timeout_s=3 * 3600)
+        if view["status"] != "published":
+            print(f"run failed: {view['reason']}")
+            return 1
+        version = view["student_version"]
+        print(f"student {version} published; waiting for the detector to serve it ...")
+
+        def serving() -> bool:
+            try:
+                return httpx.get(f"{fed.detector_url}/v1/model", timeout=5).json().get("version") == version
+            except (httpx.HTTPError, ValueError):
+                return False
+
+        if not poll_until(serving, 300, 1.0):
+            print("the detector did not load the published student in 300 s")
+            return 1
+        test = list(federation_split(cfg.data, cfg.seeds[0], source).test)
+        print(f"evaluating on {len(test)} held-out test sessions through POST /v1/detect ...")
+        report = _evaluate(fed.detector_url, test)
+    adapter = _adapter_bytes(cfg)
+    run_seconds = time.monotonic() - wall
+    _print_table(view, report, adapter, run_seconds)
+    (out / "demo-results.json").write_text(json.dumps(
+        {"run": view, "evaluation": report, "fedavg_adapter_bytes": adapter, "seconds": run_seconds}, indent=2
+    ))
+    print(f"results: {out / 'demo-results.json'}")
+    return 0
+
+
+def _print_table(view: dict[str, Any], report: dict[str, Any], adapter: int, seconds: float) -> None:
+    rows = [
+        ("student version", view["student_version"]),
+        ("test sessions", f"{report['n']} ({report['tp'] + report['fn']} anomalous)"),
+        ("F1", f"{report['f1']:.3f}"),
+        ("precision", f"{report['precision']:.3f}"),
+        ("recall", f"{report['recall']:.3f}"),
+        ("ROC-AUC", "n/a" if report["roc_auc"] is None else f"{report['roc_auc']:.3f}"),
+    ]
+    for client_id, c in sorted(view["clients"].items()):
+        rows.append((f"{c['name']} bytes up / down", f"{c['bytes_up']:,} / {c['bytes_down']:,}"))
+    rows += [
+        ("FedAvg, per client per round", f"{adapter:,} up / {adapter:,} down (one teacher LoRA adapter)"),
+        ("uplink vs one FedAvg round",
+         f"{adapter / max(1, max(c['bytes_up'] for c in view['clients'].values())):,.0f}x smaller"),
+        ("detector latency", f"p50 {report['latency_ms_p50']:.0f} ms, p95 {report['latency_ms_p95']:.0f} ms "
+                             f"per {DETECT_BATCH}-session request ({report['sessions_per_s']:.0f} sessions/s)"),
+        ("wall time", f"{seconds / 60:.1f} min"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    print("-" * (width + 50))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print("-" * (width + 50))

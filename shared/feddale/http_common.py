@@ -1,0 +1,474 @@
+"""Plumbing every FedDALE service shares: tokens, Prometheus text, ops routes, retries, serving.
+
+The services are thin HTTP/RQ edges around the core library; what they have in common (how a
+token is hashed, how /metrics looks, how a caller backs off when the coordinator is away, how
+uvicorn is started with optional TLS) lives here once so the four packages cannot drift apart.
+Imports of the web stack are module-level: only the services (which depend on it) import this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Contracts between services that are not HTTP: the RQ queue and job the coordinator enqueues
+# and the student-trainer executes (the coordinator never imports the trainer package).
+STUDENT_QUEUE = "feddale-student"
+STUDENT_JOB = "feddale_student_trainer.jobs.train_student_job"
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_COORDINATOR_URL = "http://127.0.0.1:8000"
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """One environment variable, with empty strings treated as unset (compose files leave `X=`)."""
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def require_env(name: str) -> str:
+    """An environment variable the service cannot run without; a clear error names it."""
+    value = env(name)
+    if value is None:
+        raise SystemExit(f"{name} must be set (see docs/services.md)")
+    return value
+
+
+def env_int(name: str, default: int) -> int:
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def env_float(name: str, default: float) -> float:
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def new_token(nbytes: int = 32) -> str:
+    """A random URL-safe secret (256 bits by default)."""
+    return secrets.token_urlsafe(nbytes)
+
+
+def hash_token(token: str) -> str:
+    """sha256 of a token: what is stored at rest, so a Redis dump leaks no usable credential.
+
+    Tokens are 256-bit random, so a fast unsalted hash is enough (no dictionary to attack).
+    """
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def token_matches(token: str, stored_hash: str) -> bool:
+    """Constant-time comparison of a presented token against a stored hash."""
+    return hmac.compare_digest(hash_token(token), stored_hash)
+
+
+def secret_matches(presented: str, secret: str) -> bool:
+    """Constant-time comparison of two plaintext secrets (admin token, bootstrap secret)."""
+    return hmac.compare_digest(presented.encode("utf-8"), secret.encode("utf-8"))
+
+
+def bearer_token(request: Request) -> str:
+    """The bearer token of a request, or 401 when there is none."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+def auth_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before holding it all.
+
+    A declared Content-Length over the limit is refused without reading; a body that lies about
+    its length (or is chunked) is cut off as soon as it crosses the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise HTTPException(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+        except ValueError as exc:
+            raise HTTPException(400, "Content-Length is not an integer") from exc
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise HTTPException(400, "request body is empty")
+    return body
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    escaped = (f'{k}="{v}"'.replace("\n", " ") for k, v in labels)
+    return "{" + ",".join(escaped) + "}"
+
+
+class Metrics:
+    """Counters, gauges and histograms rendered in the Prometheus text format.
+
+    Small and dependency-free on purpose: four services need a dozen series each, and a
+    registry library would be the largest part of the detector.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self._help: dict[str, tuple[str, str]] = {}
+        self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        self._hist: dict[str, dict[tuple[tuple[str, str], ...], list[float]]] = {}
+        self._gauge_fns: dict[str, Callable[[], float]] = {}
+
+    def _name(self, name: str) -> str:
+        return f"{self.namespace}_{name}"
+
+    def describe(self, name: str, kind: str, help_text: str) -> None:
+        self._help[self._name(name)] = (kind, help_text)
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            series = self._values.setdefault(self._name(name), {})
+            series[key] = series.get(key, 0.0) + value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            self._values.setdefault(self._name(name), {})[key] = float(value)
+
+    def gauge_fn(self, name: str, fn: Callable[[], float]) -> None:
+        """A gauge computed at scrape time (queue depth, clients registered...)."""
+        self._gauge_fns[self._name(name)] = fn
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            series = self._hist.setdefault(self._name(name), {})
+            counts = series.setdefault(key, [0.0] * (len(_BUCKETS) + 2))  # buckets..., sum, count
+            for i, bound in enumerate(_BUCKETS):
+                if value <= bound:
+                    counts[i] += 1
+            counts[-2] += value
+            counts[-1] += 1
+
+    def value(self, name: str, **labels: str) -> float:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            return self._values.get(self._name(name), {}).get(key, 0.0)
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def header(full: str, default_kind: str) -> None:
+            kind, help_text = self._help.get(full, (default_kind, full))
+            lines.append(f"# HELP {full} {help_text}")
+            lines.append(f"# TYPE {full} {kind}")
+
+        with self._lock:
+            values = {k: dict(v) for k, v in self._values.items()}
+            hist = {k: {lk: list(c) for lk, c in v.items()} for k, v in self._hist.items()}
+        for full, series in sorted(values.items()):
+            header(full, "counter" if full.endswith("_total") else "gauge")
+            for labels, v in sorted(series.items()):
+                lines.append(f"{full}{_labels_text(labels)} {v:g}")
+        for full, fn in sorted(self._gauge_fns.items()):
+            header(full, "gauge")
+            try:
+                lines.append(f"{full} {float(fn()):g}")
+            except Exception:  # a scrape must not fail because one probe did
+                log.debug("gauge %s failed", full, exc_info=True)
+        for full, series in sorted(hist.items()):
+            header(full, "histogram")
+            for labels, counts in sorted(series.items()):
+                for i, bound in enumerate(_BUCKETS):
+                    le = labels + (("le", f"{bound:g}"),)
+                    lines.append(f"{full}_bucket{_labels_text(le)} {counts[i]:g}")
+                lines.append(f"{full}_bucket{_labels_text(labels + (('le', '+Inf'),))} {counts[-1]:g}")
+                lines.append(f"{full}_sum{_labels_text(labels)} {counts[-2]:g}")
+                lines.append(f"{full}_count{_labels_text(labels)} {counts[-1]:g}")
+        return "\n".join(lines) + "\n"
+
+
+def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> None:
+    """/healthz (process alive), /readyz (dependencies reachable) and /metrics, plus request metrics.
+
+    ``readiness`` returns named checks; the service is ready when all are true. It runs in a
+    thread because the checks do blocking I/O (Redis ping, HTTP to the coordinator).
+    """
+    metrics.describe("http_requests_total", "counter", "HTTP requests by route and status")
+    metrics.describe("http_request_seconds", "histogram", "HTTP request latency by route")
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[..., Any]) -> Response:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.inc("http_requests_total", method=request.method, route=path, status=str(status))
+            metrics.observe("http_request_seconds", time.perf_counter() - start, route=path)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz() -> JSONResponse:
+        """Readiness: every dependency this service needs answers (503 otherwise)."""
+        checks = readiness()
+        ready = all(checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        """Prometheus text exposition."""
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped; ``reset`` after a success.
+
+    Jitter keeps N client nodes that lost the coordinator at the same moment from coming back
+    at the same moment too.
+    """
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        if base <= 0 or cap < base:
+            raise ValueError(f"need 0 < base <= cap, got base={base}, cap={cap}")
+        self.base, self.cap, self.attempt = base, cap, 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return self._rng.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class RetryableStatus(Exception):
+    """A response worth retrying (5xx, 429): the coordinator restarting or overloaded."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"{response.request.method} {response.request.url.path} -> {response.status_code}")
+        self.response = response
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, (httpx.TransportError, RetryableStatus))
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int | None = None,
+    backoff: Backoff | None = None,
+    stop: threading.Event | None = None,
+    what: str = "request",
+) -> T:
+    """Call ``fn`` until it succeeds, retrying transport errors and retryable statuses.
+
+    ``attempts=None`` retries forever (a client node waiting for its coordinator); ``stop``
+    ends the wait early when the service shuts down. Other exceptions propagate at once.
+    """
+    backoff = backoff or Backoff()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_retryable(exc) or (attempts is not None and tries >= attempts):
+                raise
+            delay = backoff.next_delay()
+            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+            if stop is not None:
+                if stop.wait(delay):
+                    raise
+            else:
+                time.sleep(delay)
+
+
+def check(response: httpx.Response) -> httpx.Response:
+    """Raise RetryableStatus for 5xx/429 and HTTPStatusError for other errors; pass 2xx."""
+    if response.status_code >= 500 or response.status_code == 429:
+        raise RetryableStatus(response)
+    response.raise_for_status()
+    return response
+
+
+def tls_verify() -> Any:
+    """What httpx should verify server certificates with: FEDDALE_TLS_CA when set, else defaults."""
+    return env("FEDDALE_TLS_CA") or True
+
+
+def http_client(base_url: str, timeout: float = 60.0, **kwargs: Any) -> httpx.Client:
+    """An httpx client for service-to-service calls (TLS trust from FEDDALE_TLS_CA)."""
+    kwargs.setdefault("verify", tls_verify())
+    return httpx.Client(base_url=base_url, timeout=timeout, **kwargs)
+
+
+class CoordinatorSession:
+    """An authenticated, retrying connection from a node (client or detector) to the coordinator.
+
+    Registers with the bootstrap secret on first use and again whenever the coordinator stops
+    recognising the token (a rotated token, a wiped registry); waits out a coordinator that is
+    away with jittered exponential backoff. ``transport`` lets tests record or reroute traffic.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        bootstrap_secret: str,
+        name: str,
+        role: str,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        stop: threading.Event | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        kwargs: dict[str, Any] = {"transport": transport} if transport is not None else {}
+        self.http = http_client(base_url, timeout=timeout, **kwargs)
+        self.bootstrap_secret, self.name, self.role = bootstrap_secret, name, role
+        self.stop = stop or threading.Event()
+        self.registration: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def register(self) -> dict[str, Any]:
+        def attempt() -> dict[str, Any]:
+            response = self.http.post(
+                "/v1/clients/register",
+                json={"name": self.name, "role": self.role},
+                headers=auth_headers(self.bootstrap_secret),
+            )
+            return check(response).json()
+
+        with self._lock:
+            self.registration = with_retries(attempt, stop=self.stop, what="registration")
+            log.info("registered with the coordinator as %s", self.registration["client_id"])
+            return self.registration
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One authenticated call, retried until it gets a non-retryable answer.
+
+        2xx returns; 401 re-registers once and retries; other 4xx raise HTTPStatusError.
+        """
+
+        extra = kwargs.pop("headers", {})
+
+        def attempt() -> httpx.Response:
+            registration = self.registration or self.register()
+            headers = {**extra, **auth_headers(registration["token"])}
+            response = self.http.request(method, path, headers=headers, **kwargs)
+            if response.status_code == 401:
+                headers.update(auth_headers(self.register()["token"]))
+                response = self.http.request(method, path, headers=headers, **kwargs)
+            return check(response)
+
+        return with_retries(attempt, stop=self.stop, what=f"{method} {path}")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Call ``predicate`` until it is true or ``timeout`` seconds pass; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def serve(app: FastAPI, default_port: int) -> None:
+    """Run ``app`` under uvicorn on FEDDALE_HOST:FEDDALE_PORT, with TLS when cert and key are set."""
+    import uvicorn
+
+    cert, key = env("FEDDALE_TLS_CERT"), env("FEDDALE_TLS_KEY")
+    if bool(cert) != bool(key):
+        raise SystemExit("FEDDALE_TLS_CERT and FEDDALE_TLS_KEY must be set together")
+    uvicorn.run(
+        app,
+        host=env("FEDDALE_HOST", "127.0.0.1") or "127.0.0.1",
+        port=env_int("FEDDALE_PORT", default_port),
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+        log_level=(env("FEDDALE_LOG_LEVEL", "info") or "info").lower(),
+        access_log=False,
+    )
+
+
+def setup_logging(service: str) -> None:
+    """One log format for every service (the launcher writes them all into one folder)."""
+    logging.basicConfig(
+        level=(env("FEDDALE_LOG_LEVEL", "INFO") or "INFO").upper(),
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+    )
+
+
+def chunked(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

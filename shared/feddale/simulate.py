@@ -1,0 +1,345 @@
+"""A whole federation in one process: the method end to end, plus the evaluation harness.
+
+The harness is the only place that reads labels, and only to *report*: pseudo-label purity, teacher
+ROC-AUC and the student's held-out metrics. Nothing computed from labels flows back into training,
+selection or thresholds. One base model is loaded once and clients take turns with their own LoRA
+adapter on it, which is what lets four 135M-parameter teachers fit a 2-core laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feddale import adapters, federation, metrics, models, payload, teacher
+from feddale.config import RunConfig
+from feddale.data.sources import default_source, load_dataset
+from feddale.data.splits import make_split
+from feddale.data.types import FederationSplit, texts_digest
+from feddale.detector import Detector
+from feddale.student import train_student
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("f1", "precision", "recall", "roc_auc")
+
+
+class PhaseClock:
+    """Wall time per named phase, summed when a phase repeats (one per client, say)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("phase %s ...", phase)
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + took, 2)
+            log.info("phase %s done in %.1f s", phase, took)
+
+
+def otsu_threshold(scores: np.ndarray, bins: int = 64) -> float:
+    """Label-free threshold: the cut that best separates the score histogram into two groups.
+
+    The FedAvg-teacher baseline needs a decision threshold, and labels may not pick it; the unlabeled
+    public set's score distribution is all the baseline is allowed to look at.
+    """
+    if scores.size == 0:
+        raise ValueError("otsu_threshold needs at least one score")
+    hist, edges = np.histogram(scores, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weights = hist / hist.sum()
+    best, cut = -1.0, float(np.median(scores))
+    for i in range(1, bins):
+        w0, w1 = weights[:i].sum(), weights[i:].sum()
+        if w0 == 0 or w1 == 0:
+            continue
+        m0 = (weights[:i] * centers[:i]).sum() / w0
+        m1 = (weights[i:] * centers[i:]).sum() / w1
+        between = w0 * w1 * (m0 - m1) ** 2
+        if between > best:
+            best, cut = between, float(edges[i])
+    return cut
+
+
+def teacher_diagnostics(
+    scores: np.ndarray, texts: Sequence[str], labels: Sequence[int], selection: federation.Selection
+) -> dict[str, Any]:
+    """How well the aggregated teacher scores rank the public set and how pure the pseudo-labels are."""
+    y = np.asarray(labels)
+    if scores.ndim == 2:  # filter "none" keeps clients apart; rank by their mean for the report only
+        scores = scores.mean(axis=0)
+    by_text: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        by_text.setdefault(text, []).append(i)
+    distinct_scores = np.array([scores[idx[0]] for idx in by_text.values()])
+    distinct_labels = np.array([int(y[idx].mean() >= 0.5) for idx in by_text.values()])
+
+    def auc(labels_: np.ndarray, anomaly_score: np.ndarray) -> float | None:
+        if labels_.min() == labels_.max():
+            return None
+        return metrics.binary_report(labels_, anomaly_score, threshold=0.5)["roc_auc"]
+
+    anomalous = np.asarray(selection.anomalous_idx, dtype=int)
+    normal = np.asarray(selection.normal_idx, dtype=int)
+    return {
+        "public_sessions": len(texts),
+        "public_distinct_texts": len(by_text),
+        "teacher_auc_sessions": auc(y, -scores),
+        "teacher_auc_distinct": auc(distinct_labels, -distinct_scores),
+        "selected_anomalous": int(anomalous.size),
+        "selected_normal": int(normal.size),
+        "selected_anomalous_distinct": len({texts[i] for i in anomalous}),
+        "selected_normal_distinct": len({texts[i] for i in normal}),
+        "purity_anomalous": metrics.purity(anomalous, y, positive=1),
+        "purity_normal": metrics.purity(normal, y, positive=0),
+    }
+
+
+def _evaluate_teacher(
+    model: Any,
+    tokenizer: Any,
+    split: FederationSplit,
+    cfg: RunConfig,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """FedAvg-teacher baseline: score sessions with the global teacher, threshold from public scores."""
+    public = list(split.public)
+    test = list(split.test)
+    if cfg.baseline_max_test and len(test) > cfg.baseline_max_test:
+        test = [test[i] for i in sorted(rng.choice(len(test), cfg.baseline_max_test, replace=False))]
+        public = [public[i] for i in sorted(rng.choice(len(public), cfg.baseline_max_test, replace=False))]
+    public_scores = teacher.score_texts(model, tokenizer, [s.text for s in public], cfg.score)
+    cut = otsu_threshold(public_scores)
+    test_scores = teacher.score_texts(model, tokenizer, [ls.session.text for ls in test], cfg.score)
+    # Low accuracy means anomalous: flip so that "higher = more anomalous" for the report.
+    report = metrics.binary_report([ls.label for ls in test], -test_scores, threshold=-cut)
+    report["threshold_accuracy"] = cut
+    return report
+
+
+def run_seed(cfg: RunConfig, seed: int, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """One federation with one seed; returns the JSON-ready result row."""
+    clock = PhaseClock()
+    rng = np.random.default_rng(seed)
+    source = default_source() if cfg.data.source == "auto" else cfg.data.source
+
+    with clock("data"):
+        dataset = load_dataset(source, seed=seed)
+        split = make_split(
+            dataset,
+            cfg.data.n_clients,
+            public=cfg.data.public,
+            test=cfg.data.test,
+            validation=cfg.data.validation,
+            client_anomaly_rate=cfg.data.client_anomaly_rate,
+            partition=cfg.data.partition,
+            dirichlet_alpha=cfg.data.dirichlet_alpha,
+            max_client_sessions=cfg.data.max_client_sessions,
+            seed=seed,
+        )
+    client_texts = [[s.text for s in shard] for shard in split.clients]
+    public_texts = [s.text for s in split.public]
+    digest = texts_digest(public_texts)
+
+    with clock("load_teacher"):
+        base, tokenizer = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=seed)
+        model = models.add_lora(base, rank=cfg.teacher_lora_rank, task="causal")
+    meta = models.lora_meta(model)
+    global_state = adapters.adapter_state(model)
+    expected = {key: tuple(t.shape) for key, t in global_state.items()}
+    traffic: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
+
+    def local_training(round_no: int, client: int) -> dict[str, Any]:
+        """Client `client` pulls the global adapter, trains on its private texts, returns stats."""
+        down = adapters.adapter_to_bytes(global_state, meta)
+        state, _ = adapters.adapter_from_bytes(down, expected)
+        adapters.load_adapter_state(model, state)
+        local_cfg = cfg.teacher.model_copy(update={"seed": seed * 10_000 + round_no * 100 + client})
+        with clock("teacher_train"):
+            stats = teacher.train_teacher(model, tokenizer, client_texts[client], local_cfg, progress=progress)
+        if cfg.fedavg_rounds:  # one-shot clients start from a seeded init: nothing to download
+            traffic.append({"round": round_no, "client": client, "kind": "adapter_down", "bytes": len(down)})
+        return stats
+
+    for round_no in range(1, cfg.fedavg_rounds + 1):
+        states, weights, train_stats = [], [], []
+        for client in range(len(client_texts)):
+            train_stats.append(local_training(round_no, client))
+            up = adapters.adapter_to_bytes(adapters.adapter_state(model), meta)
+            traffic.append({"round": round_no, "client": client, "kind": "adapter_up", "bytes": len(up)})
+            states.append(adapters.adapter_from_bytes(up, expected)[0])
+            weights.append(len(client_texts[client]))
+        global_state = federation.fedavg(states, weights)
+        row: dict[str, Any] = {"round": round_no, "teacher_train": train_stats}
+        if cfg.baseline:
+            adapters.load_adapter_state(model, global_state)
+            with clock("baseline_eval"):
+                row["fedavg_teacher"] = _evaluate_teacher(model, tokenizer, split, cfg, rng)
+        rounds.append(row)
+
+    distill_round = cfg.fedavg_rounds + 1
+    matrix, distill_states, distill_stats = [], [], []
+    for client in range(len(client_texts)):
+        distill_stats.append(local_training(distill_round, client))
+        distill_states.append(adapters.adapter_state(model))
+        with clock("teacher_score"):
+            scores = teacher.score_texts(model, tokenizer, public_texts, cfg.score, progress=progress)
+        header = payload.PayloadHeader(
+            version=payload.VERSION,
+            public_digest=digest,
+            run_id=f"sim-{seed}",
+            round=distill_round,
+            client_id=f"client-{client}",
+            count=len(public_texts),
+        )
+        blob = payload.encode_scores(scores, header)
+        traffic.append({"round": distill_round, "client": client, "kind": "accuracy_up", "bytes": len(blob)})
+        matrix.append(payload.decode_scores(blob, public_digest=digest, count=len(public_texts))[1])
+
+    aggregated = federation.aggregate_scores(np.stack(matrix), cfg.filter)
+    selection = federation.select_pseudo_labels(
+        aggregated, public_texts, cfg.k_normal, cfg.k_anomalous, cfg.selection
+    )
+    diagnostics = teacher_diagnostics(aggregated, public_texts, split.public_labels, selection)
+    log.info("pseudo-labels: %s", json.dumps(diagnostics))
+
+    with clock("student_train"):
+        student_cfg = cfg.student.model_copy(update={"seed": seed})
+        artifact = train_student(
+            selection.texts, selection.labels, student_cfg, weights=selection.weights, progress=progress
+        )
+    artifact_dir = artifact.save(out_dir / f"student-seed{seed}")
+    student_bytes = len(artifact.to_bytes())
+    for client in range(len(client_texts)):
+        traffic.append({"round": distill_round, "client": client, "kind": "student_down", "bytes": student_bytes})
+
+    with clock("student_eval"):
+        detector = Detector(artifact)
+        evaluation = {}
+        for name, part in (("validation", split.validation), ("test", split.test)):
+            probs = detector.predict_proba([ls.session.messages for ls in part])
+            evaluation[name] = metrics.binary_report([ls.label for ls in part], probs, threshold=0.5)
+
+    baseline_distill = None
+    if cfg.baseline:
+        adapters.load_adapter_state(
+            model, federation.fedavg(distill_states, [len(t) for t in client_texts])
+        )
+        with clock("baseline_eval"):
+            baseline_distill = _evaluate_teacher(model, tokenizer, split, cfg, rng)
+
+    return {
+        "seed": seed,
+        "data_source": source,
+        "clients": [len(t) for t in client_texts],
+        "public_digest": digest,
+        "rounds": rounds,
+        "distillation_round": distill_round,
+        "teacher_train": distill_stats,
+        "pseudo_labels": diagnostics,
+        "student": evaluation,
+        "fedavg_teacher_after_distill_round": baseline_distill,
+        "communication": summarize_traffic(traffic, len(public_texts)),
+        "seconds": clock.seconds,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "student_artifact": str(artifact_dir),
+        "student_version": artifact.version,
+    }
+
+
+def summarize_traffic(rows: list[dict[str, Any]], public_sessions: int) -> dict[str, Any]:
+    """Bytes per client per round and totals, split by message kind."""
+    per_kind: dict[str, int] = {}
+    for row in rows:
+        per_kind[row["kind"]] = per_kind.get(row["kind"], 0) + row["bytes"]
+    clients = len({row["client"] for row in rows}) or 1
+    accuracy = [row["bytes"] for row in rows if row["kind"] == "accuracy_up"]
+    return {
+        "rows": rows,
+        "total_bytes_by_kind": per_kind,
+        "total_up": sum(v for k, v in per_kind.items() if k.endswith("_up")),
+        "total_down": sum(v for k, v in per_kind.items() if k.endswith("_down")),
+        "per_client_accuracy_up": (sum(accuracy) / len(accuracy)) if accuracy else None,
+        "accuracy_bytes_per_public_session": (
+            (sum(accuracy) / len(accuracy) / public_sessions) if accuracy else None
+        ),
+        "clients": clients,
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of the numbers a reader looks at first."""
+    picks = {
+        **{f"student_test_{m}": ("student", "test", m) for m in HEADLINE},
+        **{f"student_validation_{m}": ("student", "validation", m) for m in HEADLINE},
+        "teacher_auc_sessions": ("pseudo_labels", "teacher_auc_sessions"),
+        "teacher_auc_distinct": ("pseudo_labels", "teacher_auc_distinct"),
+        "purity_anomalous": ("pseudo_labels", "purity_anomalous"),
+        "purity_normal": ("pseudo_labels", "purity_normal"),
+        "selected_anomalous_distinct": ("pseudo_labels", "selected_anomalous_distinct"),
+        "selected_normal_distinct": ("pseudo_labels", "selected_normal_distinct"),
+        "accuracy_bytes_per_public_session": ("communication", "accuracy_bytes_per_public_session"),
+    }
+    if rows and rows[0].get("fedavg_teacher_after_distill_round"):
+        picks["fedavg_teacher_test_f1"] = ("fedavg_teacher_after_distill_round", "f1")
+    out: dict[str, Any] = {}
+    for name, path in picks.items():
+        values = []
+        for row in rows:
+            node: Any = row
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, (int, float)):
+                values.append(float(node))
+        if values:
+            out[name] = {
+                "mean": round(statistics.fmean(values), 4),
+                "std": round(statistics.pstdev(values), 4) if len(values) > 1 else 0.0,
+                "n": len(values),
+            }
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def simulate(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Run every seed of `cfg`, write `results.json` after each seed (nothing lost on a crash)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "config": cfg.model_dump(mode="json"),
+        "git_commit": git_commit(),
+        "runs": [],
+    }
+    path = out_dir / "results.json"
+    for seed in cfg.seeds:
+        log.info("seed %d: starting", seed)
+        results["runs"].append(run_seed(cfg, seed, out_dir, progress=progress))
+        results["summary"] = summarize(results["runs"])
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(path)
+    return results

@@ -1,0 +1,412 @@
+"""The student: a small LoRA sequence classifier distilled from the teachers' pseudo-labels.
+
+The server never sees a private log or a ground-truth label. It only has the public set and
+the sessions the teachers agreed were most normal (label 0) or most anomalous (label 1); the
+student learns to separate those two groups and is then what the detectors serve.
+
+Long sessions: training uses each text's head window (the first ``max_len`` tokens, specials
+included) because pseudo-labels describe the whole session and the head is where HDFS
+sessions differ first; the detector scores every window and takes the max P(anomalous), so a
+late error event is not cut off (see :mod:`feddale.detector`).
+
+The artifact is the LoRA matrices plus the classifier head (fp16 safetensors) and a JSON
+description. Its ``digest`` covers the weights and everything needed to rebuild the model
+(base ref, max_len, label map, LoRA config), so a tampered file or header is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import struct
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tqdm.auto import tqdm
+
+from feddale import adapters, models
+
+WEIGHTS_FILE = "student.safetensors"
+META_FILE = "student.json"
+FORMAT = 1
+LABEL_MAP = {"0": "normal", "1": "anomalous"}
+_BYTES_MAGIC = b"FDSTUDNT"
+_LORA_PREFIX = "lora."
+_HEAD_PREFIX = "head."
+
+
+class StudentError(ValueError):
+    """Bad student training input, or an artifact that is malformed or was tampered with."""
+
+
+class StudentConfig(BaseModel):
+    """How the student is trained; the defaults are the paper's recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = "builtin:minilm-l6"
+    rank: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(64, ge=1)
+    micro_batch: int = Field(16, ge=1)
+    steps: int = Field(100, ge=1)
+    max_len: int = Field(512, ge=8)
+    seed: int = Field(0, ge=0)
+    balance: bool = True
+
+    @model_validator(mode="after")
+    def _micro_fits(self) -> StudentConfig:
+        if self.micro_batch > self.batch_size:
+            raise ValueError(f"micro_batch ({self.micro_batch}) must not exceed batch_size ({self.batch_size})")
+        return self
+
+
+class ArtifactMeta(BaseModel):
+    """The ``student.json`` schema. ``spec()`` is the part that defines the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[1] = FORMAT
+    base: str
+    max_len: int = Field(ge=8)
+    labels: dict[str, str]
+    lora: dict[str, Any]
+    version: str
+    digest: str
+    created: str
+    stats: dict[str, Any]
+
+    def spec(self) -> dict[str, Any]:
+        return self.model_dump(include={"format", "base", "max_len", "labels", "lora"})
+
+
+def content_digest(spec: dict[str, Any], weights: bytes) -> str:
+    """sha256 over the canonical JSON model spec and the safetensors bytes."""
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    h.update(b"\n")
+    h.update(weights)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+class TextEncoder:
+    """Turns session texts into token ids for one tokenizer and ``max_len``.
+
+    Special tokens are found by probing the tokenizer once (transformers 5 fast tokenizers
+    expose no "wrap these ids" call), so a window of plain ids becomes a proper model input
+    exactly like a normally tokenized text would.
+    """
+
+    def __init__(self, tokenizer, max_len: int) -> None:
+        probe = "log"
+        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        wrapped = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        at = next((i for i in range(len(wrapped) - len(plain) + 1) if wrapped[i : i + len(plain)] == plain), None)
+        if not plain or at is None:
+            raise StudentError("cannot locate special tokens of this tokenizer")
+        self.prefix, self.suffix = wrapped[:at], wrapped[at + len(plain) :]
+        self.content_len = max_len - len(self.prefix) - len(self.suffix)
+        if self.content_len < 4:
+            raise StudentError(f"max_len {max_len} leaves no room for text after special tokens")
+        self.tokenizer = tokenizer
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def wrap(self, content: Sequence[int]) -> list[int]:
+        return [*self.prefix, *content, *self.suffix]
+
+    def head(self, text: str) -> tuple[list[int], bool]:
+        """Model input for the first window of ``text`` and whether anything was cut off."""
+        ids = self.ids(text)
+        return self.wrap(ids[: self.content_len]), len(ids) > self.content_len
+
+    def pad(self, batch: Sequence[Sequence[int]], device: torch.device) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer.pad({"input_ids": [list(b) for b in batch]}, return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+# --------------------------------------------------------------------------- artifact
+
+
+@dataclass(frozen=True, eq=False)
+class StudentArtifact:
+    """Trained student weights (safetensors bytes) and their verified description."""
+
+    weights: bytes
+    meta: ArtifactMeta
+
+    def __post_init__(self) -> None:
+        expected = content_digest(self.meta.spec(), self.weights)
+        if expected != self.meta.digest or self.meta.version != expected[:12]:
+            raise StudentError("student artifact digest mismatch: the weights or model description were modified")
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
+
+    @property
+    def digest(self) -> str:
+        return self.meta.digest
+
+    def meta_json(self) -> str:
+        return json.dumps(self.meta.model_dump(), indent=2, sort_keys=True)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``student.safetensors`` + ``student.json`` into ``directory`` (created if needed)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in ((WEIGHTS_FILE, self.weights), (META_FILE, self.meta_json().encode("utf-8"))):
+            tmp = out / f".{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(out / name)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> StudentArtifact:
+        """Read an artifact written by :meth:`save`; refuses it if the digest does not match."""
+        d = Path(directory)
+        for name in (WEIGHTS_FILE, META_FILE):
+            if not (d / name).is_file():
+                raise StudentError(f"{d / name} is missing; not a student artifact directory")
+        return cls(weights=(d / WEIGHTS_FILE).read_bytes(), meta=_parse_meta((d / META_FILE).read_bytes()))
+
+    def to_bytes(self) -> bytes:
+        """One blob for HTTP: magic | u32 JSON length | JSON | safetensors bytes."""
+        head = self.meta_json().encode("utf-8")
+        return _BYTES_MAGIC + struct.pack(">I", len(head)) + head + self.weights
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> StudentArtifact:
+        blob = bytes(blob)
+        start = len(_BYTES_MAGIC) + 4
+        if len(blob) < start or not blob.startswith(_BYTES_MAGIC):
+            raise StudentError("not a FedDALE student artifact (wrong magic bytes or too short)")
+        (size,) = struct.unpack(">I", blob[len(_BYTES_MAGIC) : start])
+        if start + size > len(blob):
+            raise StudentError("student artifact truncated inside its JSON header")
+        return cls(weights=blob[start + size :], meta=_parse_meta(blob[start : start + size]))
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(LoRA state in :mod:`feddale.adapters` naming, head state), both fp32."""
+        from safetensors.torch import load
+
+        try:
+            raw = load(self.weights)
+        except Exception as exc:  # safetensors raises several error types for corrupt input
+            raise StudentError(f"student weights are not valid safetensors: {exc}") from None
+        lora = {k.removeprefix(_LORA_PREFIX): v.float() for k, v in raw.items() if k.startswith(_LORA_PREFIX)}
+        head = {k.removeprefix(_HEAD_PREFIX): v.float() for k, v in raw.items() if k.startswith(_HEAD_PREFIX)}
+        if len(lora) + len(head) != len(raw) or not lora or not head:
+            raise StudentError("student weights must hold LoRA ('lora.*') and head ('head.*') tensors only")
+        return lora, head
+
+
+def _parse_meta(data: bytes) -> ArtifactMeta:
+    try:
+        return ArtifactMeta.model_validate_json(data)
+    except ValidationError as exc:
+        raise StudentError(f"invalid student.json: {exc}") from None
+
+
+# --------------------------------------------------------------------------- model <-> weights
+
+
+def _head_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """Parameters of the trainable classifier-head copies peft keeps for ``modules_to_save``."""
+    from peft.utils import ModulesToSaveWrapper
+
+    adapter = peft_model.active_adapter
+    return {
+        f"{name}.{pname}": p
+        for name, module in peft_model.get_base_model().named_modules()
+        if isinstance(module, ModulesToSaveWrapper)
+        for pname, p in module.modules_to_save[adapter].named_parameters()
+    }
+
+
+def _load_head_state(peft_model, state: dict[str, torch.Tensor]) -> None:
+    params = _head_parameters(peft_model)
+    if set(params) != set(state):
+        raise StudentError(f"student head tensors {sorted(state)} do not fit the model's head {sorted(params)}")
+    with torch.no_grad():
+        for key, p in params.items():
+            if tuple(state[key].shape) != tuple(p.shape):
+                raise StudentError(f"head tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
+            p.copy_(state[key].to(p.device, p.dtype))
+
+
+def _weights_bytes(peft_model) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {_LORA_PREFIX + k: v for k, v in adapters.adapter_state(peft_model).items()}
+    tensors.update({_HEAD_PREFIX + k: p.detach().cpu() for k, p in _head_parameters(peft_model).items()})
+    wire = {k: v.to(torch.float16).contiguous() for k, v in tensors.items()}
+    if not all(bool(torch.isfinite(t).all()) for t in wire.values()):
+        raise StudentError("student weights are not finite in fp16; training diverged (lower lr)")
+    return save(wire)
+
+
+def build_model(artifact: StudentArtifact, device: str | None = None):
+    """Rebuild the student (base + LoRA + head) in eval mode; returns (model, tokenizer)."""
+    lora_cfg = artifact.meta.lora
+    model, tokenizer = models.load_classifier(artifact.meta.base, num_labels=len(artifact.meta.labels), device=device)
+    peft_model = models.add_lora(
+        model,
+        rank=int(lora_cfg["rank"]),
+        alpha=int(lora_cfg["alpha"]),
+        dropout=float(lora_cfg["dropout"]),
+        task="classifier",
+    )
+    rebuilt = models.lora_meta(peft_model)
+    if rebuilt != lora_cfg:
+        raise StudentError(f"this feddale builds LoRA {rebuilt} for {artifact.meta.base}, artifact has {lora_cfg}")
+    lora, head = artifact.tensors()
+    adapters.load_adapter_state(peft_model, lora)
+    _load_head_state(peft_model, head)
+    peft_model.eval()
+    return peft_model, tokenizer
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _check_inputs(
+    texts: Sequence[str], labels: Sequence[int], weights: Sequence[int] | None
+) -> tuple[list[str], list[int], list[int]]:
+    texts, labels = list(texts), list(labels)
+    if not texts:
+        raise StudentError("no training texts")
+    if len(labels) != len(texts):
+        raise StudentError(f"got {len(texts)} texts but {len(labels)} labels")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise StudentError(f"text {i} must be a non-empty string")
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or label not in (0, 1):
+            raise StudentError(f"label {i} must be 0 (pseudo-normal) or 1 (pseudo-anomalous), got {label!r}")
+    if len(set(labels)) < 2:
+        raise StudentError(f"both classes are required to train the student; all labels are {labels[0]}")
+    weights = [1] * len(texts) if weights is None else list(weights)
+    if len(weights) != len(texts):
+        raise StudentError(f"got {len(texts)} texts but {len(weights)} weights")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w <= 0:
+            raise StudentError(f"weight {i} must be a positive integer count, got {w!r}")
+    return texts, [int(x) for x in labels], [int(w) for w in weights]
+
+
+def sampling_probabilities(labels: Sequence[int], weights: Sequence[int], balance: bool) -> torch.Tensor:
+    """Per-row sampling probability: proportional to weight, each class half the mass if balanced.
+
+    Weights are counts (a distinct text standing for many sessions), so sampling by weight
+    trains on the public set's real distribution without duplicating rows; balancing stops
+    the larger pseudo-class from dominating when the two sides differ in size.
+    """
+    w = torch.tensor(weights, dtype=torch.float64)
+    y = torch.tensor(labels)
+    if not balance:
+        return w / w.sum()
+    p = torch.zeros_like(w)
+    for cls in (0, 1):
+        mask = y == cls
+        p[mask] = 0.5 * w[mask] / w[mask].sum()
+    return p
+
+
+def train_student(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    cfg: StudentConfig,
+    weights: Sequence[int] | None = None,
+    progress: bool = True,
+) -> StudentArtifact:
+    """Fine-tune a LoRA sequence classifier on pseudo-labels and package it as an artifact.
+
+    Each optimizer step draws ``batch_size`` rows with :func:`sampling_probabilities`
+    (with replacement), accumulates gradients over ``micro_batch`` chunks and takes one AdamW
+    step. Seeded end to end: same inputs and config give the same artifact version.
+    """
+    texts, labels, weights = _check_inputs(texts, labels, weights)
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = models.load_classifier(cfg.base, num_labels=2, seed=cfg.seed)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions is not None and cfg.max_len > positions:
+            raise StudentError(f"max_len {cfg.max_len} exceeds the {positions} positions of {cfg.base}")
+        peft_model = models.add_lora(model, rank=cfg.rank, task="classifier", seed=cfg.seed)
+        device = next(peft_model.parameters()).device
+        encoder = TextEncoder(tokenizer, cfg.max_len)
+        encoded = [encoder.head(t) for t in texts]
+        inputs = [ids for ids, _ in encoded]
+        target = torch.tensor(labels)
+        probs = sampling_probabilities(labels, weights, cfg.balance)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+        losses: list[float] = []
+        peft_model.train()
+        bar = tqdm(range(cfg.steps), desc="student", disable=not progress, leave=False)
+        for _ in bar:
+            batch = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=generator).tolist()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for start in range(0, len(batch), cfg.micro_batch):
+                rows = batch[start : start + cfg.micro_batch]
+                logits = peft_model(**encoder.pad([inputs[i] for i in rows], device)).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), target[rows].to(device))
+                (loss * len(rows) / len(batch)).backward()
+                step_loss += loss.item() * len(rows) / len(batch)
+            if not math.isfinite(step_loss):
+                raise StudentError(f"student loss became {step_loss} at step {len(losses)}; lower lr")
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+        peft_model.eval()
+
+    tail = losses[-min(10, len(losses)) :]
+    stats = {
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "balance": cfg.balance,
+        "rows": len(texts),
+        "rows_per_class": {name: labels.count(int(k)) for k, name in LABEL_MAP.items()},
+        "weight_per_class": {
+            name: sum(w for w, y in zip(weights, labels) if y == int(k)) for k, name in LABEL_MAP.items()
+        },
+        "truncated_rows": sum(cut for _, cut in encoded),
+        "loss_first": losses[0],
+        "loss_last10": sum(tail) / len(tail),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    weights_blob = _weights_bytes(peft_model)
+    lora_cfg = models.lora_meta(peft_model)
+    spec = {
+        "format": FORMAT,
+        "base": lora_cfg["base"],
+        "max_len": cfg.max_len,
+        "labels": dict(LABEL_MAP),
+        "lora": lora_cfg,
+    }
+    digest = content_digest(spec, weights_blob)
+    meta = ArtifactMeta(
+        **spec,
+        version=digest[:12],
+        digest=digest,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        stats=stats,
+    )
+    return StudentArtifact(weights=weights_blob, meta=meta)

