@@ -266,3 +266,11 @@ def test_gpu_profile_reserves_an_nvidia_gpu_for_teachers(compose: dict) -> None:
     assert "container_name" not in gpu and "ports" not in gpu
     cpu_env = service_env(compose["services"]["client-node"])
     assert {k: v for k, v in cpu_env.items() if k.startswith("FEDDALE_")}.items() <= service_env(gpu).items()
+
+
+def test_every_variable_set_for_a_container_is_documented(compose: dict) -> None:
+    docs = (ROOT / "docs" / "services.md").read_text() + (ROOT / "docs" / "deploy.md").read_text()
+    for name in SERVICE_NAMES:
+        names = set(service_env(compose["services"][name])) | set(dockerfile_env(name))
+        for var in sorted(v for v in names if v.startswith("FEDDALE_")):
+            assert f"`{var}" in docs, f"{var} ({name}) is in neither docs/services.md nor docs/deploy.md"

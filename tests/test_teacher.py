@@ -53,9 +53,27 @@ def test_encoding_is_per_message_and_separator_tokens_belong_to_the_next_message
     first = tok("Receiving block", add_special_tokens=False)["input_ids"]
     sep = tok(SEP, add_special_tokens=False)["input_ids"]
     second = tok("Deleting block", add_special_tokens=False)["input_ids"]
-    assert enc.ids.tolist() == [tok.bos_token_id] + first + sep + second
-    assert enc.message.tolist() == [0] * (1 + len(first)) + [1] * (len(sep) + len(second))
+    assert enc.ids.tolist() == [tok.bos_token_id] + first + sep + second + [tok.eos_token_id]
+    assert enc.message.tolist() == [0] * (1 + len(first)) + [1] * (len(sep) + len(second)) + [2]
+    assert enc.n_messages == 3  # two messages and the end-of-session marker
+
+
+def test_end_marker_can_be_switched_off_for_the_papers_recipe(trained):
+    _, tok, _ = trained
+    (enc,) = teacher._Encoder(tok, end_marker=False).encode(["Receiving block" + SEP + "Deleting block"])
+    assert enc.ids.tolist()[-1] != tok.eos_token_id
     assert enc.n_messages == 2
+
+
+def test_end_marker_flags_a_session_that_stops_early(trained):
+    """A normal prefix that stops early scores as normal without the marker, as odd with it."""
+    model, tok, _ = trained
+    prefix = SEP.join(NORMAL[:2])
+    with_end = teacher.score_texts(model, tok, [prefix], ScoreConfig(kind="worst_message", top_k=1), progress=False)
+    without = teacher.score_texts(
+        model, tok, [prefix], ScoreConfig(kind="worst_message", top_k=1, end_marker=False), progress=False
+    )
+    assert with_end[0] < without[0]
 
 
 # --------------------------------------------------------------------------- training
@@ -120,8 +138,8 @@ def test_worst_message_exposes_one_odd_event(trained):
     )
     worst = teacher.score_texts(model, tok, [text], ScoreConfig(kind="worst_message"), progress=False)
     both = teacher.score_texts(model, tok, [text], ScoreConfig(kind="mean_worst"), progress=False)
-    assert per_message[0].shape == (len(NORMAL) * 3 + 1,)
-    assert int(np.argmin(per_message[0])) == len(NORMAL) * 3  # the odd message is the worst
+    assert per_message[0].shape == (len(NORMAL) * 3 + 1 + 1,)  # + the end marker
+    assert int(np.argmin(per_message[0][:-1])) == len(NORMAL) * 3  # the odd message is the worst event
     assert worst[0] == pytest.approx(per_message[0].min())
     assert worst[0] < mean[0] - 0.3
     assert both[0] == pytest.approx((mean[0] + worst[0]) / 2)
@@ -136,13 +154,15 @@ def test_windowed_scoring_covers_the_whole_session(trained):
         model, tok, [long_text], ScoreConfig(max_len=length, overlap=16), progress=False, return_messages=True
     )
     roomy = teacher.score_texts(model, tok, [long_text], ScoreConfig(max_len=4 * length), progress=False)
+    # the end marker is an extra last "message"; the odd event is what the windows must still find
+    full_msgs, = [m[:-1] for m in full_msgs]
     assert roomy[0] == full[0]
     short, short_msgs = teacher.score_texts(
         model, tok, [long_text], ScoreConfig(max_len=48, overlap=16), progress=False, return_messages=True
     )
     # every message, including the late odd one, is still scored
     assert not np.isnan(short_msgs[0]).any()
-    assert int(np.argmin(short_msgs[0])) == int(np.argmin(full_msgs[0])) == len(NORMAL) * 4
+    assert int(np.argmin(short_msgs[0][:-1])) == int(np.argmin(full_msgs)) == len(NORMAL) * 4
     assert 0 <= short[0] <= 1
     assert abs(short[0] - full[0]) < 0.2
 
@@ -213,4 +233,4 @@ def test_scoring_errors(trained):
     with pytest.raises(ValueError, match="expected str"):
         teacher.score_texts(model, tok, [None], ScoreConfig(), progress=False)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="no tokens to score"):
-        teacher.score_texts(model, tok, [NORMAL_TEXT, ""], ScoreConfig(), progress=False)
+        teacher.score_texts(model, tok, [NORMAL_TEXT, " "], ScoreConfig(), progress=False)

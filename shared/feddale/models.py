@@ -260,8 +260,10 @@ def _smollm2_hf_dir() -> Path:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # Drop the GGUF markers: the weights are already plain fp32 and must be saved as such.
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config  # the GGUF marker; the saved weights are plain fp32
+            del model.config.quantization_config
         model.save_pretrained(str(tmp))
         _load_tokenizer(ModelRef("builtin", "smollm2-135m")).save_pretrained(str(tmp))
 

@@ -50,6 +50,7 @@ class TeacherTrainConfig(BaseModel):
     dedup: bool = False
     max_grad_norm: float = Field(1.0, gt=0)
     autocast: Autocast = "auto"
+    end_marker: bool = True
 
     @model_validator(mode="after")
     def _lr_order(self) -> TeacherTrainConfig:
@@ -69,6 +70,7 @@ class ScoreConfig(BaseModel):
     overlap: int = Field(128, ge=0)
     micro_batch: int = Field(4, ge=1)
     autocast: Autocast = "auto"
+    end_marker: bool = True
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> ScoreConfig:
@@ -92,11 +94,16 @@ class Encoded:
 class _Encoder:
     """Per-message tokenization with a cache: log sessions repeat the same few messages."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, end_marker: bool = True):
         self.tokenizer = tokenizer
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         # The start token makes the first real token a prediction target too.
         self.start = [] if start is None else [int(start)]
+        # The end token makes "the session stops here" a prediction target of its own: a session
+        # that stops early (a write abandoned after allocateBlock) is otherwise a perfectly
+        # predictable prefix of a normal one. It counts as one extra message.
+        eos = tokenizer.eos_token_id
+        self.end = [int(eos)] if end_marker and eos is not None else []
         self.separator = self._tokenize([SEPARATOR])[0]
         self._cache: dict[str, list[int]] = {}
 
@@ -117,7 +124,10 @@ class _Encoder:
             piece = (self.separator if i else []) + self._cache[message]
             ids.extend(piece)
             owner.extend([i] * len(piece))
-        return Encoded(np.asarray(ids, dtype=np.int64), np.asarray(owner, dtype=np.int64), len(messages))
+        ids.extend(self.end)
+        owner.extend([len(messages)] * len(self.end))
+        n_messages = len(messages) + (1 if self.end else 0)
+        return Encoded(np.asarray(ids, dtype=np.int64), np.asarray(owner, dtype=np.int64), n_messages)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,6 +169,8 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"text {i} is {type(text).__name__}, expected str")
+        if not text.strip():
+            raise ValueError(f"text {i} is empty: there are no tokens to {what}")
     return texts
 
 
@@ -206,7 +218,7 @@ def train_teacher(model, tokenizer, texts: Sequence[str], cfg: TeacherTrainConfi
         texts = list(dict.fromkeys(texts))
     windows = [
         np.asarray(w)
-        for enc in _Encoder(tokenizer).encode(texts)
+        for enc in _Encoder(tokenizer, cfg.end_marker).encode(texts)
         for w in window(enc.ids.tolist(), cfg.max_len)
         if len(w) >= 2
     ]
@@ -350,7 +362,7 @@ def score_texts(
     """
     texts = _check_texts(texts, "score")
     distinct = list(dict.fromkeys(texts))
-    encoded = _Encoder(tokenizer).encode(distinct)
+    encoded = _Encoder(tokenizer, cfg.end_marker).encode(distinct)
     for i, enc in enumerate(encoded):
         if len(enc.ids) < 2:
             raise ValueError(f"text {distinct[i]!r} has no tokens to score")

@@ -1,0 +1,135 @@
+"""Detection-quality sweep: one teacher pass per client, many scoring/selection/student variants.
+
+Teacher training and scoring dominate the cost on a CPU, and every session-score kind
+(`mean`, `worst_message`, `mean_worst`) derives from the same per-message hit rates, so this
+script trains and scores once per (seed, client), caches the per-message hit rates, and then
+evaluates scoring kinds x aggregation filters x selection strategies on the cached numbers.
+Students are trained only for the variants named with --students.
+
+Labels: public-set labels are read only to report teacher AUC and purity; the validation split
+picks among variants; the test split is reported, never used to choose.
+
+    python scripts/quality_sweep.py --data hdfs-csv:../shared/data/hdfs --seeds 0 --out runs/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+
+from feddale import adapters, federation, metrics, models, teacher
+from feddale.config import load_config, parse_override
+from feddale.data.sources import load_dataset
+from feddale.data.splits import make_split
+from feddale.detector import Detector
+from feddale.simulate import teacher_diagnostics
+from feddale.student import train_student
+
+log = logging.getLogger("quality_sweep")
+KINDS = ("mean", "worst_message", "mean_worst")
+
+
+def session_scores(per_message: list[np.ndarray], kind: str) -> np.ndarray:
+    """Session score of each text from its per-message hit rates, as teacher.score_texts combines them."""
+    out = []
+    for rates in per_message:
+        worst = float(np.nanmin(rates))
+        mean = float(np.nanmean(rates))
+        out.append({"mean": mean, "worst_message": worst, "mean_worst": (mean + worst) / 2}[kind])
+    return np.asarray(out)
+
+
+def teacher_pass(cfg, split, seed: int, cache: Path) -> list[list[np.ndarray]]:
+    """Per client: train its teacher on its private shard, return per-message hit rates on the public set."""
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    base, tokenizer = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=seed)
+    model = models.add_lora(base, rank=cfg.teacher_lora_rank, task="causal")
+
+    init = adapters.adapter_state(model)
+    public = [s.text for s in split.public]
+    per_client = []
+    for client, shard in enumerate(split.clients):
+        adapters.load_adapter_state(model, init)
+        started = time.perf_counter()
+        stats = teacher.train_teacher(
+            model, tokenizer, [s.text for s in shard], cfg.teacher.model_copy(update={"seed": seed * 100 + client})
+        )
+        trained = time.perf_counter()
+        _, per_message = teacher.score_texts(model, tokenizer, public, cfg.score, return_messages=True)
+        log.info(
+            "seed %d client %d: train %.0f s (loss %.3f -> %.3f), score %.0f s",
+            seed, client, trained - started, stats["loss_first"], stats["loss_last"],
+            time.perf_counter() - trained,
+        )
+        per_client.append(per_message)
+    cache.write_bytes(pickle.dumps(per_client))
+    return per_client
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="cpu")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--students", default="", help="variants to distil, e.g. worst_message/mean/distinct")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    overrides = dict(parse_override(item) for item in args.set)
+    overrides["data.source"] = args.data
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        dataset = load_dataset(cfg.data.source, seed=seed)
+        split = make_split(
+            dataset, cfg.data.n_clients, public=cfg.data.public, test=cfg.data.test,
+            validation=cfg.data.validation, client_anomaly_rate=cfg.data.client_anomaly_rate,
+            partition=cfg.data.partition, max_client_sessions=cfg.data.max_client_sessions, seed=seed,
+        )
+        per_client = teacher_pass(cfg, split, seed, out / f"teacher-{cfg.name}-seed{seed}.pkl")
+        public = [s.text for s in split.public]
+        for kind in KINDS:
+            matrix = np.stack([session_scores(pm, kind) for pm in per_client])
+            for how in ("mean", "max", "rank_mean"):
+                agg = federation.aggregate_scores(matrix, how)
+                for strategy in ("plain", "distinct"):
+                    sel = federation.select_pseudo_labels(agg, public, cfg.k_normal, cfg.k_anomalous, strategy)
+                    diag = teacher_diagnostics(agg, public, split.public_labels, sel)
+                    row = {"seed": seed, "kind": kind, "filter": how, "selection": strategy, **diag}
+                    name = f"{kind}/{how}/{strategy}"
+                    if name in args.students.split(","):
+                        artifact = train_student(
+                            sel.texts, sel.labels, cfg.student.model_copy(update={"seed": seed}),
+                            weights=sel.weights,
+                        )
+                        detector = Detector(artifact)
+                        for part_name, part in (("validation", split.validation), ("test", split.test)):
+                            probs = detector.predict_proba([ls.session.messages for ls in part])
+                            row[part_name] = metrics.binary_report([ls.label for ls in part], probs, 0.5)
+                        log.info("%s seed %d: val F1 %.3f test F1 %.3f", name, seed,
+                                 row["validation"]["f1"], row["test"]["f1"])
+                    rows.append(row)
+                    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        print(
+            f"{row['seed']} {row['kind']:>13} {row['filter']:>9} {row['selection']:>8} "
+            f"AUC {row['teacher_auc_sessions']:.3f}/{row['teacher_auc_distinct']:.3f} "
+            f"purity A {row['purity_anomalous']:.2f} N {row['purity_normal']:.2f} "
+            f"distinct A {row['selected_anomalous_distinct']} N {row['selected_normal_distinct']}"
+            + (f" valF1 {row['validation']['f1']:.3f} testF1 {row['test']['f1']:.3f}" if "test" in row else "")
+        )
+
+
+if __name__ == "__main__":
+    main()
