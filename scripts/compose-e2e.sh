@@ -118,7 +118,7 @@ build_images() {
             || { tail -n 40 "$WORK/build-$s.log" >&2; die "build $s"; }
         log "built feddale/$s:$TAG in $((SECONDS - t0)) s, $(image_size "feddale/$s:$TAG")"
     done
-    podman system df >&2 || true
+    podman images --filter 'reference=feddale/*' >&2
 }
 
 image_size() {

@@ -73,9 +73,24 @@ def teacher_pass(cfg, split, seed: int, cache: Path) -> list[list[np.ndarray]]:
     return per_client
 
 
+def distil(cfg, sel, split, seed: int) -> dict:
+    """Train the student on one selection; validation and test metrics."""
+    artifact = train_student(
+        sel.texts, sel.labels, cfg.student.model_copy(update={"seed": seed}), weights=sel.weights
+    )
+    detector = Detector(artifact)
+    out = {}
+    for part_name, part in (("validation", split.validation), ("test", split.test)):
+        probs = detector.predict_proba([ls.session.messages for ls in part])
+        out[part_name] = metrics.binary_report([ls.label for ls in part], probs, 0.5)
+    log.info("seed %d: val F1 %.3f test F1 %.3f", seed, out["validation"]["f1"], out["test"]["f1"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu")
+    parser.add_argument("--recipe", default="feddale", choices=["feddale", "paper"])
     parser.add_argument("--data", required=True)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default="runs/sweep")
@@ -86,7 +101,7 @@ def main() -> None:
 
     overrides = dict(parse_override(item) for item in args.set)
     overrides["data.source"] = args.data
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, recipe=args.recipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -97,7 +112,7 @@ def main() -> None:
             validation=cfg.data.validation, client_anomaly_rate=cfg.data.client_anomaly_rate,
             partition=cfg.data.partition, max_client_sessions=cfg.data.max_client_sessions, seed=seed,
         )
-        per_client = teacher_pass(cfg, split, seed, out / f"teacher-{cfg.name}-seed{seed}.pkl")
+        per_client = teacher_pass(cfg, split, seed, out / f"teacher-{cfg.name}-{cfg.recipe}-seed{seed}.pkl")
         public = [s.text for s in split.public]
         for kind in KINDS:
             matrix = np.stack([session_scores(pm, kind) for pm in per_client])
@@ -109,16 +124,7 @@ def main() -> None:
                     row = {"seed": seed, "kind": kind, "filter": how, "selection": strategy, **diag}
                     name = f"{kind}/{how}/{strategy}"
                     if name in args.students.split(","):
-                        artifact = train_student(
-                            sel.texts, sel.labels, cfg.student.model_copy(update={"seed": seed}),
-                            weights=sel.weights,
-                        )
-                        detector = Detector(artifact)
-                        for part_name, part in (("validation", split.validation), ("test", split.test)):
-                            probs = detector.predict_proba([ls.session.messages for ls in part])
-                            row[part_name] = metrics.binary_report([ls.label for ls in part], probs, 0.5)
-                        log.info("%s seed %d: val F1 %.3f test F1 %.3f", name, seed,
-                                 row["validation"]["f1"], row["test"]["f1"])
+                        row.update(distil(cfg, sel, split, seed))
                     rows.append(row)
                     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     for row in rows:

@@ -141,7 +141,11 @@ def test_the_issue_s_objects_exist(manifests: list[dict[str, Any]]) -> None:
 def test_secret_is_a_template_without_real_values(manifests: list[dict[str, Any]]) -> None:
     secret = find(manifests, "Secret", "feddale-secrets")
     assert set(secret["stringData"]) == {"FEDDALE_ADMIN_TOKEN", "FEDDALE_BOOTSTRAP_SECRET"}
-    assert all(v.startswith("REPLACE-") for v in secret["stringData"].values())
+    assert all(v.startswith("REPLACE-WITH-") for v in secret["stringData"].values())
+    assert len(set(secret["stringData"].values())) == 2, "distinct placeholders, so sed can fill each"
+    assert secret["metadata"]["labels"]["feddale.io/secret-template"] == "true"
+    others = [d for d in manifests if d is not secret]
+    assert not any("feddale.io/secret-template" in d["metadata"].get("labels", {}) for d in others)
 
 
 def test_coordinator_artifacts_on_its_claim(manifests: list[dict[str, Any]]) -> None:

@@ -18,8 +18,8 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides["data.source"] = args.data
     if args.seeds:
         overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
-    cfg = load_config(args.config, overrides)
-    out = Path(args.out or f"runs/simulate-{cfg.name}")
+    cfg = load_config(args.config, overrides, recipe=args.recipe)
+    out = Path(args.out or f"runs/simulate-{cfg.name}-{cfg.recipe}")
     results = simulate(cfg, out, progress=not args.quiet)
     print(json.dumps(results["summary"], indent=2))
     print(f"results: {out / 'results.json'}")
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
     sim.add_argument("--data", help="data source: synthetic, hdfs-csv:DIR, hdfs-raw:LOG[,LABELS], or a path")
     sim.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    sim.add_argument("--recipe", default="feddale", choices=["feddale", "paper"],
+                     help="paper = the paper's plain recipe (mean accuracy, plain top/bottom-k)")
     sim.add_argument("--out", help="output folder (default runs/simulate-<profile>)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set teacher.steps=20 (repeatable)")

@@ -18,6 +18,20 @@ from feddale.teacher import ScoreConfig, TeacherTrainConfig
 
 PROFILES = ("tiny", "cpu", "paper")
 
+# The paper's plain recipe, applied on top of any profile so the two can be compared on the same
+# budget: mean top-k accuracy over the whole session, no end-of-session marker, and the plain
+# k lowest / k highest sessions as pseudo-labels.
+RECIPES: dict[str, dict[str, Any]] = {
+    "feddale": {},
+    "paper": {
+        "teacher.end_marker": False,
+        "score.end_marker": False,
+        "score.kind": "mean",
+        "selection": "plain",
+        "filter": "mean",
+    },
+}
+
 
 class DataConfig(BaseModel):
     """Where sessions come from and how the harness splits them (disjoint by session)."""
@@ -41,6 +55,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "custom"
+    recipe: Literal["feddale", "paper"] = "feddale"
     teacher_model: str = "builtin:smollm2-135m"
     quantization: Literal["auto", "none", "4bit"] = "auto"
     teacher_lora_rank: int = Field(8, ge=1)
@@ -71,8 +86,12 @@ def configs_dir() -> Path:
     )
 
 
-def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a profile (`tiny`, `cpu`, `paper`) or a YAML/JSON file, then apply dotted overrides."""
+def load_config(
+    name_or_path: str, overrides: dict[str, Any] | None = None, recipe: str = "feddale"
+) -> RunConfig:
+    """Load a profile (`tiny`, `cpu`, `paper`) or a YAML/JSON file, then a recipe, then dotted overrides."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     path = Path(name_or_path)
     if name_or_path in PROFILES:
         path = configs_dir() / f"{name_or_path}.yaml"
@@ -83,8 +102,9 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in {**RECIPES[recipe], **(overrides or {})}.items():
         _set_dotted(raw, dotted, value)
+    raw["recipe"] = recipe
     return RunConfig.model_validate(raw)
 
 

@@ -384,7 +384,16 @@ def _bnb_config():
 
 
 def _pretrained_source(ref: ModelRef, *, four_bit: bool) -> tuple[str, dict[str, Any]]:
-    """Directory/id and extra ``from_pretrained`` kwargs for a non-tiny reference."""
+    """Directory/id and extra ``from_pretrained`` kwargs for a non-tiny reference.
+
+    Unquantized weights load in fp32 whatever the checkpoint's dtype: LoRA training keeps
+    fp32 master weights and bf16 speed comes from autocast, not from half-precision storage.
+    """
+    source, kwargs = _pretrained_location(ref, four_bit=four_bit)
+    return source, kwargs if four_bit else {**kwargs, "dtype": torch.float32}
+
+
+def _pretrained_location(ref: ModelRef, *, four_bit: bool) -> tuple[str, dict[str, Any]]:
     if ref.scheme == "builtin" and ref.name == "smollm2-135m":
         if four_bit:
             return str(_smollm2_hf_dir()), {}
