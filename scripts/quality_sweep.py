@@ -32,21 +32,32 @@ from feddale.simulate import teacher_diagnostics
 from feddale.student import train_student
 
 log = logging.getLogger("quality_sweep")
-KINDS = ("mean", "worst_message", "mean_worst")
+KINDS = ("mean", "worst_message", "worst_message_noend", "surprise", "surprise_noend", "mean_logp")
 
 
-def session_scores(per_message: list[np.ndarray], kind: str) -> np.ndarray:
-    """Session score of each text from its per-message hit rates, as teacher.score_texts combines them."""
+def session_scores(token_mean: np.ndarray, details: list[dict], kind: str) -> np.ndarray:
+    """Session scores from one scoring pass, as teacher.score_texts would combine them.
+
+    `*_noend` ignore the end-of-session marker (the last "message") when scoring.
+    """
+    if kind == "mean":
+        return token_mean
     out = []
-    for rates in per_message:
-        worst = float(np.nanmin(rates))
-        mean = float(np.nanmean(rates))
-        out.append({"mean": mean, "worst_message": worst, "mean_worst": (mean + worst) / 2}[kind])
+    for d in details:
+        rates, logp = d["hit_rate"], d["logp"]
+        if kind.endswith("_noend"):
+            rates, logp = rates[:-1], logp[:-1]
+        if kind.startswith("worst_message"):
+            out.append(float(np.nanmin(rates)))
+        elif kind.startswith("surprise"):
+            out.append(teacher.surprise_score(float(np.nanmin(logp))))
+        else:
+            out.append(teacher.surprise_score(float(np.nanmean(logp))))
     return np.asarray(out)
 
 
-def teacher_pass(cfg, split, seed: int, cache: Path) -> list[list[np.ndarray]]:
-    """Per client: train its teacher on its private shard, return per-message hit rates on the public set."""
+def teacher_pass(cfg, split, seed: int, cache: Path) -> list[tuple[np.ndarray, list[dict]]]:
+    """Per client: train its teacher on its private shard; token-mean accuracy and per-message details."""
     if cache.exists():
         return pickle.loads(cache.read_bytes())
     base, tokenizer = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=seed)
@@ -62,7 +73,8 @@ def teacher_pass(cfg, split, seed: int, cache: Path) -> list[list[np.ndarray]]:
             model, tokenizer, [s.text for s in shard], cfg.teacher.model_copy(update={"seed": seed * 100 + client})
         )
         trained = time.perf_counter()
-        _, per_message = teacher.score_texts(model, tokenizer, public, cfg.score, return_messages=True)
+        score_cfg = cfg.score.model_copy(update={"kind": "mean"})
+        per_message = teacher.score_texts(model, tokenizer, public, score_cfg, return_details=True)
         log.info(
             "seed %d client %d: train %.0f s (loss %.3f -> %.3f), score %.0f s",
             seed, client, trained - started, stats["loss_first"], stats["loss_last"],
@@ -95,6 +107,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--tag", default="", help="distinguishes teacher caches of different settings")
     parser.add_argument("--students", default="", help="variants to distil, e.g. worst_message/mean/distinct")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -112,10 +125,10 @@ def main() -> None:
             validation=cfg.data.validation, client_anomaly_rate=cfg.data.client_anomaly_rate,
             partition=cfg.data.partition, max_client_sessions=cfg.data.max_client_sessions, seed=seed,
         )
-        per_client = teacher_pass(cfg, split, seed, out / f"teacher-{cfg.name}-{cfg.recipe}-seed{seed}.pkl")
+        per_client = teacher_pass(cfg, split, seed, out / f"teacher-{cfg.name}-{cfg.recipe}{args.tag}-seed{seed}.pkl")
         public = [s.text for s in split.public]
         for kind in KINDS:
-            matrix = np.stack([session_scores(pm, kind) for pm in per_client])
+            matrix = np.stack([session_scores(mean, details, kind) for mean, details in per_client])
             for how in ("mean", "max", "rank_mean"):
                 agg = federation.aggregate_scores(matrix, how)
                 for strategy in ("plain", "distinct"):

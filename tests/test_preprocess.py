@@ -167,3 +167,11 @@ def test_window_covers_every_token_and_overlaps_as_asked(ids: list[int], max_len
     assert rebuilt == ids
     for (s1, e1), (s2, _) in zip(spans, spans[1:]):
         assert e1 - s2 == overlap
+
+
+def test_compact_view_keeps_distinct_messages_in_first_seen_order_with_counts():
+    from feddale.preprocess import SEPARATOR, compact_view
+
+    text = SEPARATOR.join(["a <*>", "b", "a <*>", "c", "a <*>"])
+    assert compact_view(text) == SEPARATOR.join(["a <*> [x3]", "b", "c"])
+    assert compact_view("only") == "only"

@@ -27,7 +27,8 @@ NORMAL_LINES = (
 )
 ERROR_LINE = "Got exception while serving blk_{b} to /10.251.71.{x}:"
 
-CFG = StudentConfig(base="tiny:bert", steps=40, batch_size=16, micro_batch=16, lr=1e-2, max_len=128)
+# The full view keeps every message, so long sessions really span several windows here.
+CFG = StudentConfig(base="tiny:bert", steps=40, batch_size=16, micro_batch=16, lr=1e-2, max_len=128, view="full")
 
 
 def raw_session(rng: random.Random, anomalous: bool, length: int | None = None) -> list[str]:
@@ -285,3 +286,17 @@ def test_text_encoder_wraps_windows_like_the_tokenizer(detector):
     assert cut and len(head) == CFG.max_len
     with pytest.raises(StudentError, match="no room"):
         TextEncoder(enc.tokenizer, 4)
+
+
+def test_compact_view_fits_a_long_session_in_one_window_and_is_part_of_the_artifact(toy):
+    rng = random.Random(3)
+    long_session = raw_session(rng, anomalous=False, length=40)
+    compact_cfg = CFG.model_copy(update={"view": "compact", "steps": 2})
+    texts, labels, _, _ = toy
+    artifact = train_student(texts, labels, compact_cfg, progress=False)
+    assert artifact.meta.view == "compact"
+    detector = Detector(artifact)
+    assert len(detector.encoder.ids(masked_text(long_session))) <= detector.encoder.content_len
+    full = Detector(train_student(texts, labels, compact_cfg.model_copy(update={"view": "full"}), progress=False))
+    assert len(full.encoder.ids(masked_text(long_session))) > full.encoder.content_len
+    assert artifact.version != full.artifact.version  # the view is part of the model spec

@@ -52,7 +52,7 @@ class Detector:
         self.cache_size = cache_size
         self.model, tokenizer = build_model(artifact, device=device)
         self.device = next(self.model.parameters()).device
-        self.encoder = TextEncoder(tokenizer, artifact.meta.max_len)
+        self.encoder = TextEncoder(tokenizer, artifact.meta.max_len, artifact.meta.view)
         self.overlap = self.encoder.content_len // 4 if overlap is None else overlap
         if not 0 <= self.overlap < self.encoder.content_len:
             raise ValueError(f"overlap must be in [0, {self.encoder.content_len}), got {self.overlap}")

@@ -134,3 +134,18 @@ def window(ids: Sequence[int], max_len: int, overlap: int = 0) -> list[list[int]
     windows.
     """
     return [list(ids[start:end]) for start, end in window_spans(len(ids), max_len, overlap)]
+
+
+def compact_view(text: str) -> str:
+    """A session as its distinct messages in order of first appearance, each with its count.
+
+    Why: a masked HDFS session is hundreds of word pieces, mostly repeats of the same few
+    messages, and a small encoder with a 256-512 token window sees only the head of it. What
+    tells sessions apart is which messages occur (a rare error, a missing termination) and
+    how often; this view keeps exactly that in a few dozen tokens. Counts above one are
+    written as `[xN]` after the message.
+    """
+    counts: dict[str, int] = {}
+    for message in text.split(SEPARATOR):
+        counts[message] = counts.get(message, 0) + 1
+    return SEPARATOR.join(m if n == 1 else f"{m} [x{n}]" for m, n in counts.items())

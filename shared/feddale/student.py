@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tqdm.auto import tqdm
 
 from feddale import adapters, models
+from feddale.preprocess import compact_view
 
 WEIGHTS_FILE = "student.safetensors"
 META_FILE = "student.json"
@@ -58,6 +59,7 @@ class StudentConfig(BaseModel):
     micro_batch: int = Field(16, ge=1)
     steps: int = Field(100, ge=1)
     max_len: int = Field(512, ge=8)
+    view: Literal["full", "compact"] = "compact"
     seed: int = Field(0, ge=0)
     balance: bool = True
 
@@ -76,6 +78,7 @@ class ArtifactMeta(BaseModel):
     format: Literal[1] = FORMAT
     base: str
     max_len: int = Field(ge=8)
+    view: Literal["full", "compact"] = "full"
     labels: dict[str, str]
     lora: dict[str, Any]
     version: str
@@ -84,7 +87,7 @@ class ArtifactMeta(BaseModel):
     stats: dict[str, Any]
 
     def spec(self) -> dict[str, Any]:
-        return self.model_dump(include={"format", "base", "max_len", "labels", "lora"})
+        return self.model_dump(include={"format", "base", "max_len", "view", "labels", "lora"})
 
 
 def content_digest(spec: dict[str, Any], weights: bytes) -> str:
@@ -106,7 +109,7 @@ class TextEncoder:
     exactly like a normally tokenized text would.
     """
 
-    def __init__(self, tokenizer, max_len: int) -> None:
+    def __init__(self, tokenizer, max_len: int, view: Literal["full", "compact"] = "full") -> None:
         probe = "log"
         plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
         wrapped = tokenizer(probe, add_special_tokens=True)["input_ids"]
@@ -118,8 +121,11 @@ class TextEncoder:
         if self.content_len < 4:
             raise StudentError(f"max_len {max_len} leaves no room for text after special tokens")
         self.tokenizer = tokenizer
+        self.view = view
 
     def ids(self, text: str) -> list[int]:
+        if self.view == "compact":
+            text = compact_view(text)
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def wrap(self, content: Sequence[int]) -> list[int]:
@@ -346,7 +352,7 @@ def train_student(
             raise StudentError(f"max_len {cfg.max_len} exceeds the {positions} positions of {cfg.base}")
         peft_model = models.add_lora(model, rank=cfg.rank, task="classifier", seed=cfg.seed)
         device = next(peft_model.parameters()).device
-        encoder = TextEncoder(tokenizer, cfg.max_len)
+        encoder = TextEncoder(tokenizer, cfg.max_len, cfg.view)
         encoded = [encoder.head(t) for t in texts]
         inputs = [ids for ids, _ in encoded]
         target = torch.tensor(labels)
@@ -398,6 +404,7 @@ def train_student(
         "format": FORMAT,
         "base": lora_cfg["base"],
         "max_len": cfg.max_len,
+        "view": cfg.view,
         "labels": dict(LABEL_MAP),
         "lora": lora_cfg,
     }

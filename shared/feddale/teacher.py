@@ -33,6 +33,8 @@ Autocast = Literal["auto", "bf16", "off"]
 
 # Largest logits block (elements) materialised at once while scoring: 32M fp32 = 128 MB.
 _LOGIT_BUDGET = 32 * 1024 * 1024
+# Mean token log-probability (nats) at which a message's surprise score reaches 0.
+SURPRISE_SCALE = 10.0
 
 
 class TeacherTrainConfig(BaseModel):
@@ -65,7 +67,7 @@ class ScoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(3, ge=1)
-    kind: Literal["mean", "worst_message", "mean_worst"] = "mean"
+    kind: Literal["mean", "worst_message", "mean_worst", "surprise"] = "mean"
     max_len: int = Field(1024, ge=2)
     overlap: int = Field(128, ge=0)
     micro_batch: int = Field(4, ge=1)
@@ -315,32 +317,54 @@ def _head_and_body(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _hits(model, ids: torch.Tensor, mask: torch.Tensor, top_k: int, autocast: Autocast) -> np.ndarray:
-    """[batch, seq-1] bool: is token p+1 among the top-k predictions at position p."""
+def _hits(
+    model, ids: torch.Tensor, mask: torch.Tensor, top_k: int, autocast: Autocast
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per position p: is token p+1 among the top-k predictions ([batch, seq-1] bool), and its log-prob."""
     body, head = _head_and_body(model)
     with _autocast(ids.device, autocast):
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         vocab = head.weight.shape[0]
         step = max(1, _LOGIT_BUDGET // (ids.shape[0] * vocab))
-        out = []
+        out, logps = [], []
         for a in range(0, ids.shape[1] - 1, step):
             b = min(a + step, ids.shape[1] - 1)
-            top = head(hidden[:, a:b]).topk(top_k, dim=-1).indices
-            out.append((top == ids[:, a + 1 : b + 1, None]).any(-1))
-    return torch.cat(out, dim=1).cpu().numpy()
+            logits = head(hidden[:, a:b]).float()
+            target = ids[:, a + 1 : b + 1, None]
+            out.append((logits.topk(top_k, dim=-1).indices == target).any(-1))
+            logps.append((logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)))
+    return torch.cat(out, dim=1).cpu().numpy(), torch.cat(logps, dim=1).cpu().numpy()
 
 
-def _combine(encoded: Encoded, hits: np.ndarray, kind: str) -> tuple[float, np.ndarray]:
-    """Session score and per-message hit rates (NaN for a message with no predicted token)."""
-    owner, hit = encoded.message[1:], hits[1:].astype(np.float64)
+def surprise_score(mean_logp: float) -> float:
+    """Map a message's mean token log-probability to [0, 1]: 0 nats -> 1, -SURPRISE_SCALE or less -> 0.
+
+    Linear in log-probability so the 1-byte payload keeps 255 even steps of surprise.
+    """
+    return float(np.clip(1.0 + mean_logp / SURPRISE_SCALE, 0.0, 1.0))
+
+
+def _combine(encoded: Encoded, hits: np.ndarray, logp: np.ndarray, kind: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """Session score, per-message hit rates and per-message mean log-probs (NaN: no predicted token)."""
+    owner = encoded.message[1:]
     counts = np.bincount(owner, minlength=encoded.n_messages)
-    sums = np.bincount(owner, weights=hit, minlength=encoded.n_messages)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_message = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+    def per_message(values: np.ndarray) -> np.ndarray:
+        sums = np.bincount(owner, weights=values, minlength=encoded.n_messages)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+    hit = hits[1:].astype(np.float64)
+    rates, logps = per_message(hit), per_message(logp[1:].astype(np.float64))
     mean = float(hit.mean())
-    worst = float(np.nanmin(per_message))
-    score = {"mean": mean, "worst_message": worst, "mean_worst": (mean + worst) / 2}[kind]
-    return score, per_message
+    worst = float(np.nanmin(rates))
+    score = {
+        "mean": lambda: mean,
+        "worst_message": lambda: worst,
+        "mean_worst": lambda: (mean + worst) / 2,
+        "surprise": lambda: surprise_score(float(np.nanmin(logps))),
+    }[kind]()
+    return score, rates, logps
 
 
 def score_texts(
@@ -350,15 +374,20 @@ def score_texts(
     cfg: ScoreConfig,
     progress: bool = True,
     return_messages: bool = False,
-) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+    return_details: bool = False,
+) -> np.ndarray | tuple[np.ndarray, list]:
     """Score sessions in [0, 1]; HIGH = normal-looking (the teacher predicted them well).
 
     ``kind``: ``mean`` = top-k hit rate over all predicted tokens (the paper's per-sample
     accuracy); ``worst_message`` = the lowest per-message hit rate, so one odd event is not
-    drowned by a long normal session; ``mean_worst`` = their average. Whole sessions are
+    drowned by a long normal session; ``mean_worst`` = their average; ``surprise`` = the
+    lowest per-message mean token log-probability, mapped to [0, 1] by ``surprise_score``
+    (graded where hit rates tie: a rare event's first token is far less likely than a
+    common alternative even when neither is in the top k). Whole sessions are
     scored: longer ones in windows of ``max_len`` with ``overlap`` tokens of context, each
     token counted once. Each distinct text is scored once. With ``return_messages`` also
-    returns, per text, its per-message hit rates.
+    returns, per text, its per-message hit rates; with ``return_details`` a dict per text
+    with per-message ``hit_rate`` and mean ``logp``.
     """
     texts = _check_texts(texts, "score")
     distinct = list(dict.fromkeys(texts))
@@ -370,6 +399,7 @@ def score_texts(
         _chunks([len(e.ids) for e in encoded], cfg.max_len, cfg.overlap), key=lambda c: c.end - c.start, reverse=True
     )
     hits = [np.zeros(len(e.ids), dtype=bool) for e in encoded]
+    logps = [np.zeros(len(e.ids), dtype=np.float32) for e in encoded]
     device = _device(model)
     pad_id = _pad_id(tokenizer)
     with torch.inference_mode(), _mode(model, training=False):
@@ -377,15 +407,19 @@ def score_texts(
         for i in range(0, len(chunks), cfg.micro_batch):
             group = chunks[i : i + cfg.micro_batch]
             ids, mask = _pad([encoded[c.text].ids[c.start : c.end] for c in group], pad_id, device)
-            batch_hits = _hits(model, ids, mask, cfg.top_k, cfg.autocast)
-            for row, c in zip(batch_hits, group):
+            batch_hits, batch_logps = _hits(model, ids, mask, cfg.top_k, cfg.autocast)
+            for row, logp_row, c in zip(batch_hits, batch_logps, group):
                 # target position p (global) was predicted at local position p - start - 1
-                hits[c.text][c.count_from : c.end] = row[c.count_from - c.start - 1 : c.end - c.start - 1]
+                local = slice(c.count_from - c.start - 1, c.end - c.start - 1)
+                hits[c.text][c.count_from : c.end] = row[local]
+                logps[c.text][c.count_from : c.end] = logp_row[local]
             bar.update(len(group))
         bar.close()
-    results = [_combine(enc, h, cfg.kind) for enc, h in zip(encoded, hits)]
+    results = [_combine(enc, h, lp, cfg.kind) for enc, h, lp in zip(encoded, hits, logps)]
     where = {text: i for i, text in enumerate(distinct)}
     scores = np.asarray([results[where[t]][0] for t in texts], dtype=np.float64)
+    if return_details:
+        return scores, [{"hit_rate": results[where[t]][1], "logp": results[where[t]][2]} for t in texts]
     if return_messages:
         return scores, [results[where[t]][1].copy() for t in texts]
     return scores
