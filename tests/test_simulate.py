@@ -1,0 +1,61 @@
+"""The in-process federation end to end on the tiny profile, and the config it runs from."""
+
+import json
+
+import pytest
+
+from feddale.cli import main
+from feddale.config import load_config
+from feddale.simulate import otsu_threshold
+
+import numpy as np
+
+SMALL = [
+    "--set", "data.n_clients=2", "--set", "data.public=[30,30]", "--set", "data.test=[20,20]",
+    "--set", "data.validation=[10,10]", "--set", "k_normal=10", "--set", "k_anomalous=10",
+    "--set", "baseline_max_test=10",
+]
+
+
+def test_simulate_tiny_writes_a_complete_report(tmp_path):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--config", "tiny", "--quiet", "--out", str(out), *SMALL]) == 0
+    results = json.loads((out / "results.json").read_text())
+    run = results["runs"][0]
+    assert run["clients"] == [120, 120]
+    assert set(run["student"]) == {"validation", "test"}
+    assert run["student"]["test"]["n"] == 40
+    assert 0.0 <= run["pseudo_labels"]["purity_anomalous"] <= 1.0
+    comm = run["communication"]
+    # at most one byte per public session plus a fixed header (the 1.1 B/session target is for 2,000)
+    assert comm["per_client_accuracy_up"] <= 60 + 128
+    assert comm["total_bytes_by_kind"]["accuracy_up"] > 0
+    assert "adapter_down" not in comm["total_bytes_by_kind"]  # one-shot: no adapter traffic
+    assert (out / "student-seed0" / "student.json").is_file()
+    assert results["summary"]["student_test_f1"]["n"] == 1
+
+
+def test_recipes_and_overrides():
+    paper = load_config("tiny", recipe="paper")
+    assert paper.recipe == "paper" and paper.selection == "plain" and paper.score.kind == "mean"
+    assert not paper.score.end_marker and not paper.teacher.end_marker
+    cpu = load_config("cpu", {"teacher.steps": 5})
+    assert cpu.teacher.steps == 5 and cpu.teacher_model == "builtin:smollm2-135m"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        load_config("tiny", recipe="nope")
+    with pytest.raises(FileNotFoundError, match="neither a profile"):
+        load_config("no-such-profile")
+    with pytest.raises(ValueError):
+        load_config("tiny", {"teacher.bogus": 1})
+
+
+def test_cli_reports_bad_config_as_an_error(capsys):
+    assert main(["simulate", "--config", "no-such-profile"]) == 2
+    assert "neither a profile" in capsys.readouterr().err
+
+
+def test_otsu_threshold_splits_two_groups():
+    scores = np.concatenate([np.full(50, 0.2), np.full(50, 0.9)])
+    assert 0.2 < otsu_threshold(scores) <= 0.9
+    with pytest.raises(ValueError):
+        otsu_threshold(np.array([]))
