@@ -234,3 +234,14 @@ def test_scoring_errors(trained):
         teacher.score_texts(model, tok, [None], ScoreConfig(), progress=False)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="no tokens to score"):
         teacher.score_texts(model, tok, [NORMAL_TEXT, " "], ScoreConfig(), progress=False)
+
+
+def test_surprise_is_the_worst_message_log_probability(trained):
+    model, tok, _ = trained
+    text = SEP.join(NORMAL * 2 + [ODD])
+    surprise = teacher.score_texts(model, tok, [text], ScoreConfig(kind="surprise"), progress=False)
+    _, details = teacher.score_texts(model, tok, [text], ScoreConfig(), progress=False, return_details=True)
+    logp = details[0]["logp"]
+    assert (logp < 0).all()  # real log-probs are computed when details are asked for
+    assert int(np.argmin(logp[:-1])) == len(NORMAL) * 2  # the odd message is the most surprising
+    assert surprise[0] == pytest.approx(teacher.surprise_score(float(np.nanmin(logp))))

@@ -318,9 +318,13 @@ def _head_and_body(model):
 
 
 def _hits(
-    model, ids: torch.Tensor, mask: torch.Tensor, top_k: int, autocast: Autocast
+    model, ids: torch.Tensor, mask: torch.Tensor, top_k: int, autocast: Autocast, with_logp: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per position p: is token p+1 among the top-k predictions ([batch, seq-1] bool), and its log-prob."""
+    """Per position p: is token p+1 among the top-k predictions ([batch, seq-1] bool), and its log-prob.
+
+    The log-softmax over the vocabulary is a pass of its own over every logit, so it is only
+    computed when asked for (``with_logp``); otherwise the log-probs come back as zeros.
+    """
     body, head = _head_and_body(model)
     with _autocast(ids.device, autocast):
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -332,7 +336,10 @@ def _hits(
             logits = head(hidden[:, a:b]).float()
             target = ids[:, a + 1 : b + 1, None]
             out.append((logits.topk(top_k, dim=-1).indices == target).any(-1))
-            logps.append((logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)))
+            if with_logp:
+                logps.append(logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1))
+            else:
+                logps.append(torch.zeros(logits.shape[:2], device=logits.device))
     return torch.cat(out, dim=1).cpu().numpy(), torch.cat(logps, dim=1).cpu().numpy()
 
 
@@ -398,6 +405,7 @@ def score_texts(
     chunks = sorted(
         _chunks([len(e.ids) for e in encoded], cfg.max_len, cfg.overlap), key=lambda c: c.end - c.start, reverse=True
     )
+    with_logp = cfg.kind == "surprise" or return_details
     hits = [np.zeros(len(e.ids), dtype=bool) for e in encoded]
     logps = [np.zeros(len(e.ids), dtype=np.float32) for e in encoded]
     device = _device(model)
@@ -407,7 +415,7 @@ def score_texts(
         for i in range(0, len(chunks), cfg.micro_batch):
             group = chunks[i : i + cfg.micro_batch]
             ids, mask = _pad([encoded[c.text].ids[c.start : c.end] for c in group], pad_id, device)
-            batch_hits, batch_logps = _hits(model, ids, mask, cfg.top_k, cfg.autocast)
+            batch_hits, batch_logps = _hits(model, ids, mask, cfg.top_k, cfg.autocast, with_logp)
             for row, logp_row, c in zip(batch_hits, batch_logps, group):
                 # target position p (global) was predicted at local position p - start - 1
                 local = slice(c.count_from - c.start - 1, c.end - c.start - 1)
