@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddale.preprocess import SEPARATOR, join_messages, mask, strip_header, window, window_spans
+from feddale.preprocess import SEPARATOR, as_view, compact_view, join_messages, mask, strip_header, window, window_spans
 
 RAW_TO_TEMPLATE = [
     (
@@ -170,8 +170,14 @@ def test_window_covers_every_token_and_overlaps_as_asked(ids: list[int], max_len
 
 
 def test_compact_view_keeps_distinct_messages_in_first_seen_order_with_counts():
-    from feddale.preprocess import SEPARATOR, compact_view
-
     text = SEPARATOR.join(["a <*>", "b", "a <*>", "c", "a <*>"])
     assert compact_view(text) == SEPARATOR.join(["a <*> [x3]", "b", "c"])
     assert compact_view("only") == "only"
+
+
+def test_as_view_selects_the_view_and_refuses_unknown_ones() -> None:
+    text = "a ;-; b ;-; a"
+    assert as_view(text, "full") == text
+    assert as_view(text, "compact") == compact_view(text)
+    with pytest.raises(ValueError, match="unknown view"):
+        as_view(text, "tiny")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from feddale import adapters, models, teacher
+from feddale.preprocess import compact_view
 from feddale.teacher import ScoreConfig, TeacherTrainConfig
 
 SEP = " ;-; "
@@ -195,13 +196,13 @@ def test_padding_and_batch_neighbours_do_not_change_scores(trained):
 def test_duplicates_are_scored_once_and_mapped_back(trained, monkeypatch):
     model, tok, _ = trained
     rows = []
-    real_hits = teacher._hits
+    real_ranks = teacher._ranks
 
     def counting(model, ids, *args):
         rows.append(ids.shape[0])
-        return real_hits(model, ids, *args)
+        return real_ranks(model, ids, *args)
 
-    monkeypatch.setattr(teacher, "_hits", counting)
+    monkeypatch.setattr(teacher, "_ranks", counting)
     texts = [NORMAL_TEXT, RANDOM_TEXT, NORMAL_TEXT, NORMAL_TEXT, RANDOM_TEXT]
     scores, msgs = teacher.score_texts(model, tok, texts, ScoreConfig(), progress=False, return_messages=True)
     assert sum(rows) == 2
@@ -245,3 +246,41 @@ def test_surprise_is_the_worst_message_log_probability(trained):
     assert (logp < 0).all()  # real log-probs are computed when details are asked for
     assert int(np.argmin(logp[:-1])) == len(NORMAL) * 2  # the odd message is the most surprising
     assert surprise[0] == pytest.approx(teacher.surprise_score(float(np.nanmin(logp))))
+
+
+def test_compact_view_scores_each_session_as_its_compact_text(trained):
+    model, tok, _ = trained
+    repeated = SEP.join(NORMAL + NORMAL[:2])
+    compact_cfg = ScoreConfig(view="compact", micro_batch=2)
+    full_cfg = ScoreConfig(view="full", micro_batch=2)
+    got = teacher.score_texts(model, tok, [repeated, NORMAL_TEXT], compact_cfg)
+    want = teacher.score_texts(model, tok, [compact_view(repeated), NORMAL_TEXT], full_cfg)
+    np.testing.assert_allclose(got, want)
+    # the compact form differs from the full one: the view really changed what was scored
+    assert compact_view(repeated) != repeated
+    assert teacher.score_texts(model, tok, [repeated], full_cfg)[0] != pytest.approx(got[0])
+
+
+def test_compact_view_training_sees_fewer_tokens():
+    base, tok = models.load_causal_lm("tiny:llama?layers=1", seed=0)
+    model = models.add_lora(base, rank=4)
+    texts = [SEP.join(NORMAL * 4)] * 4
+    stats = {
+        view: teacher.train_teacher(
+            model, tok, texts, TeacherTrainConfig(steps=1, batch_size=2, max_len=4096, view=view), progress=False
+        )
+        for view in ("full", "compact")
+    }
+    assert stats["compact"]["tokens"] < stats["full"]["tokens"] / 2
+
+
+def test_one_pass_scores_every_top_k_like_separate_passes(trained):
+    model, tok, _ = trained
+    texts = [NORMAL_TEXT, RANDOM_TEXT, SEP.join([NORMAL[0], ODD])]
+    many = teacher.score_by_top_k(model, tok, texts, ScoreConfig(micro_batch=2), [1, 3, 5], progress=False)
+    for k in (1, 3, 5):
+        alone = teacher.score_texts(model, tok, texts, ScoreConfig(top_k=k, micro_batch=2), progress=False)
+        np.testing.assert_allclose(many[k], alone)
+    assert (many[1] <= many[5]).all() and (many[1] < many[5]).any()
+    with pytest.raises(ValueError, match="top_ks"):
+        teacher.score_by_top_k(model, tok, texts, ScoreConfig(), [0])

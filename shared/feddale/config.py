@@ -20,12 +20,14 @@ PROFILES = ("tiny", "cpu", "paper")
 
 # The paper's plain recipe, applied on top of any profile so the two can be compared on the same
 # budget: mean top-k accuracy over the whole session, no end-of-session marker, and the plain
-# k lowest / k highest sessions as pseudo-labels.
+# k lowest / k highest sessions as pseudo-labels, the teacher reading sessions as they are.
 RECIPES: dict[str, dict[str, Any]] = {
     "feddale": {},
     "paper": {
         "teacher.end_marker": False,
+        "teacher.view": "full",
         "score.end_marker": False,
+        "score.view": "full",
         "score.kind": "mean",
         "selection": "plain",
         "filter": "mean",

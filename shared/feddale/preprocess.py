@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 WILDCARD = "<*>"
 SEPARATOR = " ;-; "
@@ -149,3 +150,15 @@ def compact_view(text: str) -> str:
     for message in text.split(SEPARATOR):
         counts[message] = counts.get(message, 0) + 1
     return SEPARATOR.join(m if n == 1 else f"{m} [x{n}]" for m, n in counts.items())
+
+
+View = Literal["full", "compact"]
+
+
+def as_view(text: str, view: View) -> str:
+    """A session text as a model sees it: as is (``full``) or through ``compact_view``."""
+    if view == "compact":
+        return compact_view(text)
+    if view == "full":
+        return text
+    raise ValueError(f"unknown view {view!r}; expected 'full' or 'compact'")

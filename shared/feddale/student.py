@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tqdm.auto import tqdm
 
 from feddale import adapters, models
-from feddale.preprocess import compact_view
+from feddale.preprocess import View, as_view
 
 WEIGHTS_FILE = "student.safetensors"
 META_FILE = "student.json"
@@ -59,7 +59,7 @@ class StudentConfig(BaseModel):
     micro_batch: int = Field(16, ge=1)
     steps: int = Field(100, ge=1)
     max_len: int = Field(512, ge=8)
-    view: Literal["full", "compact"] = "compact"
+    view: View = "compact"
     seed: int = Field(0, ge=0)
     balance: bool = True
 
@@ -78,7 +78,7 @@ class ArtifactMeta(BaseModel):
     format: Literal[1] = FORMAT
     base: str
     max_len: int = Field(ge=8)
-    view: Literal["full", "compact"] = "full"
+    view: View = "full"
     labels: dict[str, str]
     lora: dict[str, Any]
     version: str
@@ -109,7 +109,7 @@ class TextEncoder:
     exactly like a normally tokenized text would.
     """
 
-    def __init__(self, tokenizer, max_len: int, view: Literal["full", "compact"] = "full") -> None:
+    def __init__(self, tokenizer, max_len: int, view: View = "full") -> None:
         probe = "log"
         plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
         wrapped = tokenizer(probe, add_special_tokens=True)["input_ids"]
@@ -124,9 +124,7 @@ class TextEncoder:
         self.view = view
 
     def ids(self, text: str) -> list[int]:
-        if self.view == "compact":
-            text = compact_view(text)
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return self.tokenizer(as_view(text, self.view), add_special_tokens=False, verbose=False)["input_ids"]
 
     def wrap(self, content: Sequence[int]) -> list[int]:
         return [*self.prefix, *content, *self.suffix]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from feddale.preprocess import SEPARATOR, window, window_spans
+from feddale.preprocess import SEPARATOR, View, as_view, window, window_spans
 
 Autocast = Literal["auto", "bf16", "off"]
 
@@ -53,6 +53,7 @@ class TeacherTrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     autocast: Autocast = "auto"
     end_marker: bool = True
+    view: View = "full"
 
     @model_validator(mode="after")
     def _lr_order(self) -> TeacherTrainConfig:
@@ -73,6 +74,7 @@ class ScoreConfig(BaseModel):
     micro_batch: int = Field(4, ge=1)
     autocast: Autocast = "auto"
     end_marker: bool = True
+    view: View = "full"
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> ScoreConfig:
@@ -215,7 +217,7 @@ def train_teacher(model, tokenizer, texts: Sequence[str], cfg: TeacherTrainConfi
     non-pad target tokens of ``cfg.batch_size`` windows, accumulated in micro-batches.
     Returns stats: steps, windows, tokens, loss_first, loss_last, seconds.
     """
-    texts = _check_texts(texts, "train on")
+    texts = [as_view(t, cfg.view) for t in _check_texts(texts, "train on")]
     if cfg.dedup:
         texts = list(dict.fromkeys(texts))
     windows = [
@@ -317,11 +319,13 @@ def _head_and_body(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _hits(
-    model, ids: torch.Tensor, mask: torch.Tensor, top_k: int, autocast: Autocast, with_logp: bool
+def _ranks(
+    model, ids: torch.Tensor, mask: torch.Tensor, autocast: Autocast, with_logp: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per position p: is token p+1 among the top-k predictions ([batch, seq-1] bool), and its log-prob.
+    """Per position p: the rank of token p+1 among the predictions ([batch, seq-1]), and its log-prob.
 
+    The rank is the number of vocabulary entries scored strictly higher than the true next
+    token, so "a top-k hit" is ``rank < k`` for every k at once: one pass serves any top-k.
     The log-softmax over the vocabulary is a pass of its own over every logit, so it is only
     computed when asked for (``with_logp``); otherwise the log-probs come back as zeros.
     """
@@ -334,10 +338,10 @@ def _hits(
         for a in range(0, ids.shape[1] - 1, step):
             b = min(a + step, ids.shape[1] - 1)
             logits = head(hidden[:, a:b]).float()
-            target = ids[:, a + 1 : b + 1, None]
-            out.append((logits.topk(top_k, dim=-1).indices == target).any(-1))
+            target = logits.gather(-1, ids[:, a + 1 : b + 1, None])
+            out.append((logits > target).sum(-1, dtype=torch.int32))
             if with_logp:
-                logps.append(logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1))
+                logps.append(target.squeeze(-1) - logits.logsumexp(-1))
             else:
                 logps.append(torch.zeros(logits.shape[:2], device=logits.device))
     return torch.cat(out, dim=1).cpu().numpy(), torch.cat(logps, dim=1).cpu().numpy()
@@ -374,6 +378,39 @@ def _combine(encoded: Encoded, hits: np.ndarray, logp: np.ndarray, kind: str) ->
     return score, rates, logps
 
 
+def _score_pass(
+    model, tokenizer, texts: Sequence[str], cfg: ScoreConfig, progress: bool, with_logp: bool
+) -> tuple[list[str], list[str], list[Encoded], list[np.ndarray], list[np.ndarray]]:
+    """Run the model once over every distinct text (in ``cfg.view``); per-token target ranks and log-probs."""
+    texts = [as_view(t, cfg.view) for t in _check_texts(texts, "score")]
+    distinct = list(dict.fromkeys(texts))
+    encoded = _Encoder(tokenizer, cfg.end_marker).encode(distinct)
+    for i, enc in enumerate(encoded):
+        if len(enc.ids) < 2:
+            raise ValueError(f"text {distinct[i]!r} has no tokens to score")
+    chunks = sorted(
+        _chunks([len(e.ids) for e in encoded], cfg.max_len, cfg.overlap), key=lambda c: c.end - c.start, reverse=True
+    )
+    ranks = [np.zeros(len(e.ids), dtype=np.int32) for e in encoded]
+    logps = [np.zeros(len(e.ids), dtype=np.float32) for e in encoded]
+    device = _device(model)
+    pad_id = _pad_id(tokenizer)
+    with torch.inference_mode(), _mode(model, training=False):
+        bar = tqdm(total=len(chunks), desc="score", disable=not progress, leave=False)
+        for i in range(0, len(chunks), cfg.micro_batch):
+            group = chunks[i : i + cfg.micro_batch]
+            ids, mask = _pad([encoded[c.text].ids[c.start : c.end] for c in group], pad_id, device)
+            batch_ranks, batch_logps = _ranks(model, ids, mask, cfg.autocast, with_logp)
+            for row, logp_row, c in zip(batch_ranks, batch_logps, group):
+                # target position p (global) was predicted at local position p - start - 1
+                local = slice(c.count_from - c.start - 1, c.end - c.start - 1)
+                ranks[c.text][c.count_from : c.end] = row[local]
+                logps[c.text][c.count_from : c.end] = logp_row[local]
+            bar.update(len(group))
+        bar.close()
+    return texts, distinct, encoded, ranks, logps
+
+
 def score_texts(
     model,
     tokenizer,
@@ -396,33 +433,10 @@ def score_texts(
     returns, per text, its per-message hit rates; with ``return_details`` a dict per text
     with per-message ``hit_rate`` and mean ``logp``.
     """
-    texts = _check_texts(texts, "score")
-    distinct = list(dict.fromkeys(texts))
-    encoded = _Encoder(tokenizer, cfg.end_marker).encode(distinct)
-    for i, enc in enumerate(encoded):
-        if len(enc.ids) < 2:
-            raise ValueError(f"text {distinct[i]!r} has no tokens to score")
-    chunks = sorted(
-        _chunks([len(e.ids) for e in encoded], cfg.max_len, cfg.overlap), key=lambda c: c.end - c.start, reverse=True
+    texts, distinct, encoded, ranks, logps = _score_pass(
+        model, tokenizer, texts, cfg, progress, with_logp=cfg.kind == "surprise" or return_details
     )
-    with_logp = cfg.kind == "surprise" or return_details
-    hits = [np.zeros(len(e.ids), dtype=bool) for e in encoded]
-    logps = [np.zeros(len(e.ids), dtype=np.float32) for e in encoded]
-    device = _device(model)
-    pad_id = _pad_id(tokenizer)
-    with torch.inference_mode(), _mode(model, training=False):
-        bar = tqdm(total=len(chunks), desc="score", disable=not progress, leave=False)
-        for i in range(0, len(chunks), cfg.micro_batch):
-            group = chunks[i : i + cfg.micro_batch]
-            ids, mask = _pad([encoded[c.text].ids[c.start : c.end] for c in group], pad_id, device)
-            batch_hits, batch_logps = _hits(model, ids, mask, cfg.top_k, cfg.autocast, with_logp)
-            for row, logp_row, c in zip(batch_hits, batch_logps, group):
-                # target position p (global) was predicted at local position p - start - 1
-                local = slice(c.count_from - c.start - 1, c.end - c.start - 1)
-                hits[c.text][c.count_from : c.end] = row[local]
-                logps[c.text][c.count_from : c.end] = logp_row[local]
-            bar.update(len(group))
-        bar.close()
+    hits = [r < cfg.top_k for r in ranks]
     results = [_combine(enc, h, lp, cfg.kind) for enc, h, lp in zip(encoded, hits, logps)]
     where = {text: i for i, text in enumerate(distinct)}
     scores = np.asarray([results[where[t]][0] for t in texts], dtype=np.float64)
@@ -431,3 +445,24 @@ def score_texts(
     if return_messages:
         return scores, [results[where[t]][1].copy() for t in texts]
     return scores
+
+
+def score_by_top_k(
+    model, tokenizer, texts: Sequence[str], cfg: ScoreConfig, top_ks: Sequence[int], progress: bool = True
+) -> dict[int, np.ndarray]:
+    """Session scores as ``score_texts`` gives them, for several top-k at the cost of one pass.
+
+    Why: the top-k of the accuracy metric is a hyper-parameter worth measuring (the paper's
+    ablation), and scoring is the expensive part of a client's work.
+    """
+    if not top_ks or min(top_ks) < 1:
+        raise ValueError(f"top_ks must be a non-empty list of integers >= 1, got {list(top_ks)}")
+    texts, distinct, encoded, ranks, logps = _score_pass(
+        model, tokenizer, texts, cfg, progress, with_logp=cfg.kind == "surprise"
+    )
+    where = {text: i for i, text in enumerate(distinct)}
+    out = {}
+    for k in top_ks:
+        per_text = [_combine(enc, r < k, lp, cfg.kind)[0] for enc, r, lp in zip(encoded, ranks, logps)]
+        out[int(k)] = np.asarray([per_text[where[t]] for t in texts], dtype=np.float64)
+    return out
