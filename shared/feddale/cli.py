@@ -53,6 +53,37 @@ def _demo(args: argparse.Namespace) -> int:
     return demo(clients=args.clients, config=args.config, data=args.data)
 
 
+def _ints(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()] if text else []
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from feddale.bench.run import bench
+    from feddale.config import load_config, parse_override
+
+    overrides = dict(parse_override(item) for item in args.set)
+    if args.data:
+        overrides["data.source"] = args.data
+    cfg = load_config(args.config, overrides, recipe=args.recipe)
+    if cfg.baseline is False:
+        cfg = cfg.model_copy(update={"baseline": True})  # table 1 compares with the FedAvg teacher
+    seeds = _ints(args.seeds) or list(cfg.seeds)
+    report = bench(
+        cfg,
+        Path(args.out),
+        seeds=seeds,
+        rounds=_ints(args.rounds),
+        tables=args.tables.split(","),
+        ablation_seeds=_ints(args.ablation_seeds) if args.ablation_seeds is not None else seeds[:1],
+        ks=_ints(args.ks),
+        top_ks=_ints(args.top_ks),
+        fresh=args.fresh,
+        progress=not args.quiet,
+    )
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddale", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="cpu")
     demo.add_argument("--data")
     demo.set_defaults(func=_demo)
+
+    ben = sub.add_parser("bench", help="benchmark tables (quality vs rounds, communication, cost, ablation)")
+    ben.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
+    ben.add_argument("--data", help="data source, as for simulate")
+    ben.add_argument("--recipe", default="feddale", choices=["feddale", "paper"])
+    ben.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
+    ben.add_argument("--rounds", default="0,3,5", help="FedAvg rounds before distillation to compare")
+    ben.add_argument("--tables", default="quality,cost,report", help="any of quality,cost,report")
+    ben.add_argument("--ablation-seeds", help="seeds that also train the ablation students (default: the first)")
+    ben.add_argument("--ks", default="50,100,200,400", help="pseudo-labels per side for the ablation")
+    ben.add_argument("--top-ks", default="1,3,5", help="top-k of the accuracy metric for the ablation")
+    ben.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ben.add_argument("--out", default="bench-results", help="output folder (resumes what is there)")
+    ben.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
+    ben.add_argument("--quiet", action="store_true", help="no progress bars")
+    ben.set_defaults(func=_bench)
     return parser
 
 

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +133,59 @@ def _evaluate_teacher(
     return report
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Another way to turn the same client scores into a student: what an ablation varies."""
+
+    name: str
+    filter: str
+    k_normal: int
+    k_anomalous: int
+    top_k: int
+
+
+def _snapshot_traffic(rows: list[dict[str, Any]], fedavg_rounds: int) -> list[dict[str, Any]]:
+    """The messages a run with ``fedavg_rounds`` FedAvg rounds sends, out of a longer progressive run.
+
+    Rounds 1..R upload adapters and round R+1 distils; clients download the global adapter at
+    the start of every round when R > 0 (a one-shot client starts from a seeded init).
+    """
+    distill = fedavg_rounds + 1
+    keep = []
+    for row in rows:
+        kind, round_no = row["kind"], row["round"]
+        if (
+            (kind == "adapter_up" and round_no <= fedavg_rounds)
+            or (kind == "adapter_down" and fedavg_rounds > 0 and round_no <= distill)
+            or (kind in ("accuracy_up", "student_down") and round_no == distill)
+        ):
+            keep.append(row)
+    return keep
+
+
 def run_seed(cfg: RunConfig, seed: int, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """One federation with one seed; returns the JSON-ready result row."""
+    """One federation with one seed and ``cfg.fedavg_rounds``; returns the JSON-ready result row."""
+    return run_federation(cfg, seed, out_dir, [cfg.fedavg_rounds], progress=progress)[0]
+
+
+def run_federation(
+    cfg: RunConfig,
+    seed: int,
+    out_dir: Path,
+    snapshots: Sequence[int],
+    variants: Sequence[Variant] = (),
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One seed, distilled after each number of FedAvg rounds in ``snapshots``; one row each.
+
+    Why one progressive run: the local training of round R+1 is both FedAvg round R+1 and the
+    distillation round of a run with R FedAvg rounds (same seeds, same starting adapter), so
+    one pass over max(snapshots)+1 rounds yields every snapshot at the cost of the longest.
+    ``variants`` re-use the snapshot's client scores with another filter, k or top-k (ablation).
+    """
+    snapshots = sorted(set(snapshots))
+    if not snapshots or snapshots[0] < 0:
+        raise ValueError(f"snapshots must be FedAvg round counts >= 0, got {snapshots}")
     clock = PhaseClock()
     rng = np.random.default_rng(seed)
     source = default_source() if cfg.data.source == "auto" else cfg.data.source
@@ -155,6 +207,8 @@ def run_seed(cfg: RunConfig, seed: int, out_dir: Path, progress: bool = True) ->
     client_texts = [[s.text for s in shard] for shard in split.clients]
     public_texts = [s.text for s in split.public]
     digest = texts_digest(public_texts)
+    sizes = [len(t) for t in client_texts]
+    top_ks = sorted({cfg.score.top_k, *(v.top_k for v in variants)})
 
     with clock("load_teacher"):
         base, tokenizer = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=seed)
@@ -164,103 +218,132 @@ def run_seed(cfg: RunConfig, seed: int, out_dir: Path, progress: bool = True) ->
     expected = {key: tuple(t.shape) for key, t in global_state.items()}
     traffic: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
 
-    def local_training(round_no: int, client: int) -> dict[str, Any]:
-        """Client `client` pulls the global adapter, trains on its private texts, returns stats."""
+    def score_public(round_no: int, client: int) -> dict[int, np.ndarray]:
+        """Client scores the public set; every top-k goes through the wire format, the default one is sent."""
+        with clock("teacher_score"):
+            if len(top_ks) == 1:
+                raw = {top_ks[0]: teacher.score_texts(model, tokenizer, public_texts, cfg.score, progress=progress)}
+            else:
+                raw = teacher.score_by_top_k(model, tokenizer, public_texts, cfg.score, top_ks, progress=progress)
+        header = payload.PayloadHeader(
+            version=payload.VERSION, public_digest=digest, run_id=f"sim-{seed}", round=round_no,
+            client_id=f"client-{client}", count=len(public_texts),
+        )
+        decoded = {}
+        for k, scores in raw.items():
+            blob = payload.encode_scores(scores, header)
+            if k == cfg.score.top_k:
+                traffic.append({"round": round_no, "client": client, "kind": "accuracy_up", "bytes": len(blob)})
+            decoded[k] = payload.decode_scores(blob, public_digest=digest, count=len(public_texts))[1]
+        return decoded
+
+    for round_no in range(1, snapshots[-1] + 2):
+        distills = (round_no - 1) in snapshots
+        uploads = round_no <= snapshots[-1]
+        states, train_stats = [], []
+        matrices: dict[int, list[np.ndarray]] = {k: [] for k in top_ks}
         down = adapters.adapter_to_bytes(global_state, meta)
-        state, _ = adapters.adapter_from_bytes(down, expected)
-        adapters.load_adapter_state(model, state)
-        local_cfg = cfg.teacher.model_copy(update={"seed": seed * 10_000 + round_no * 100 + client})
-        with clock("teacher_train"):
-            stats = teacher.train_teacher(model, tokenizer, client_texts[client], local_cfg, progress=progress)
-        if cfg.fedavg_rounds:  # one-shot clients start from a seeded init: nothing to download
-            traffic.append({"round": round_no, "client": client, "kind": "adapter_down", "bytes": len(down)})
-        return stats
-
-    for round_no in range(1, cfg.fedavg_rounds + 1):
-        states, weights, train_stats = [], [], []
         for client in range(len(client_texts)):
-            train_stats.append(local_training(round_no, client))
+            adapters.load_adapter_state(model, adapters.adapter_from_bytes(down, expected)[0])
+            traffic.append({"round": round_no, "client": client, "kind": "adapter_down", "bytes": len(down)})
+            local_cfg = cfg.teacher.model_copy(update={"seed": seed * 10_000 + round_no * 100 + client})
+            with clock("teacher_train"):
+                train_stats.append(
+                    teacher.train_teacher(model, tokenizer, client_texts[client], local_cfg, progress=progress)
+                )
+            if distills:
+                for k, scores in score_public(round_no, client).items():
+                    matrices[k].append(scores)
             up = adapters.adapter_to_bytes(adapters.adapter_state(model), meta)
-            traffic.append({"round": round_no, "client": client, "kind": "adapter_up", "bytes": len(up)})
+            if uploads:
+                traffic.append({"round": round_no, "client": client, "kind": "adapter_up", "bytes": len(up)})
             states.append(adapters.adapter_from_bytes(up, expected)[0])
-            weights.append(len(client_texts[client]))
-        global_state = federation.fedavg(states, weights)
-        row: dict[str, Any] = {"round": round_no, "teacher_train": train_stats}
+        global_state = federation.fedavg(states, sizes)
+        baseline = None
         if cfg.baseline:
+            # The FedAvg-only detector after the same amount of client training.
             adapters.load_adapter_state(model, global_state)
             with clock("baseline_eval"):
-                row["fedavg_teacher"] = _evaluate_teacher(model, tokenizer, split, cfg, rng)
-        rounds.append(row)
+                baseline = _evaluate_teacher(model, tokenizer, split, cfg, rng)
+        if uploads:
+            rounds.append({"round": round_no, "teacher_train": train_stats, "fedavg_teacher": baseline})
+        if not distills:
+            continue
+        fedavg_rounds = round_no - 1
+        stacked = {k: np.stack(m) for k, m in matrices.items()}
+        name = f"student-seed{seed}" if len(snapshots) == 1 else f"student-seed{seed}-r{fedavg_rounds}"
+        default = Variant("default", cfg.filter, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k)
+        row_traffic = _snapshot_traffic(traffic, fedavg_rounds)
+        with clock("student"):
+            outcome = _distil(cfg, seed, split, public_texts, stacked, default, out_dir / name, progress)
+        student_bytes = outcome.pop("student_bytes")
+        row_traffic += [
+            {"round": round_no, "client": client, "kind": "student_down", "bytes": student_bytes}
+            for client in range(len(client_texts))
+        ]
+        ablation = {}
+        for variant in variants:
+            with clock("ablation"):
+                result = _distil(cfg, seed, split, public_texts, stacked, variant, None, progress)
+            result.pop("student_bytes")
+            ablation[variant.name] = {"variant": variant.__dict__, **result}
+        rows.append({
+            "seed": seed,
+            "data_source": source,
+            "clients": sizes,
+            "public_digest": digest,
+            "fedavg_rounds": fedavg_rounds,
+            "adapter_bytes": len(up),
+            "rounds": [r for r in rounds if r["round"] <= fedavg_rounds],
+            "distillation_round": round_no,
+            "teacher_train": train_stats,
+            **outcome,
+            "fedavg_teacher_after_distill_round": baseline,
+            "ablation": ablation,
+            "communication": summarize_traffic(row_traffic, len(public_texts)),
+            "seconds": dict(clock.seconds),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        })
+    return rows
 
-    distill_round = cfg.fedavg_rounds + 1
-    matrix, distill_states, distill_stats = [], [], []
-    for client in range(len(client_texts)):
-        distill_stats.append(local_training(distill_round, client))
-        distill_states.append(adapters.adapter_state(model))
-        with clock("teacher_score"):
-            scores = teacher.score_texts(model, tokenizer, public_texts, cfg.score, progress=progress)
-        header = payload.PayloadHeader(
-            version=payload.VERSION,
-            public_digest=digest,
-            run_id=f"sim-{seed}",
-            round=distill_round,
-            client_id=f"client-{client}",
-            count=len(public_texts),
-        )
-        blob = payload.encode_scores(scores, header)
-        traffic.append({"round": distill_round, "client": client, "kind": "accuracy_up", "bytes": len(blob)})
-        matrix.append(payload.decode_scores(blob, public_digest=digest, count=len(public_texts))[1])
 
-    aggregated = federation.aggregate_scores(np.stack(matrix), cfg.filter)
+def _distil(
+    cfg: RunConfig,
+    seed: int,
+    split: FederationSplit,
+    public_texts: list[str],
+    matrices: dict[int, np.ndarray],
+    variant: Variant,
+    save_to: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Server side of the distillation round for one variant: aggregate, select, train, evaluate."""
+    aggregated = federation.aggregate_scores(matrices[variant.top_k], variant.filter)
     selection = federation.select_pseudo_labels(
-        aggregated, public_texts, cfg.k_normal, cfg.k_anomalous, cfg.selection
+        aggregated, public_texts, variant.k_normal, variant.k_anomalous, cfg.selection
     )
     diagnostics = teacher_diagnostics(aggregated, public_texts, split.public_labels, selection)
-    log.info("pseudo-labels: %s", json.dumps(diagnostics))
-
-    with clock("student_train"):
-        student_cfg = cfg.student.model_copy(update={"seed": seed})
-        artifact = train_student(
-            selection.texts, selection.labels, student_cfg, weights=selection.weights, progress=progress
-        )
-    artifact_dir = artifact.save(out_dir / f"student-seed{seed}")
-    student_bytes = len(artifact.to_bytes())
-    for client in range(len(client_texts)):
-        traffic.append({"round": distill_round, "client": client, "kind": "student_down", "bytes": student_bytes})
-
-    with clock("student_eval"):
-        detector = Detector(artifact)
-        evaluation = {}
-        for name, part in (("validation", split.validation), ("test", split.test)):
-            probs = detector.predict_proba([ls.session.messages for ls in part])
-            evaluation[name] = metrics.binary_report([ls.label for ls in part], probs, threshold=0.5)
-
-    baseline_distill = None
-    if cfg.baseline:
-        adapters.load_adapter_state(
-            model, federation.fedavg(distill_states, [len(t) for t in client_texts])
-        )
-        with clock("baseline_eval"):
-            baseline_distill = _evaluate_teacher(model, tokenizer, split, cfg, rng)
-
-    return {
-        "seed": seed,
-        "data_source": source,
-        "clients": [len(t) for t in client_texts],
-        "public_digest": digest,
-        "rounds": rounds,
-        "distillation_round": distill_round,
-        "teacher_train": distill_stats,
+    log.info("pseudo-labels (%s): %s", variant.name, json.dumps(diagnostics))
+    artifact = train_student(
+        selection.texts, selection.labels, cfg.student.model_copy(update={"seed": seed}),
+        weights=selection.weights, progress=progress,
+    )
+    detector = Detector(artifact)
+    evaluation = {}
+    for name, part in (("validation", split.validation), ("test", split.test)):
+        probs = detector.predict_proba([ls.session.messages for ls in part])
+        evaluation[name] = metrics.binary_report([ls.label for ls in part], probs, threshold=0.5)
+    out: dict[str, Any] = {
         "pseudo_labels": diagnostics,
         "student": evaluation,
-        "fedavg_teacher_after_distill_round": baseline_distill,
-        "communication": summarize_traffic(traffic, len(public_texts)),
-        "seconds": clock.seconds,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "student_artifact": str(artifact_dir),
         "student_version": artifact.version,
+        "student_bytes": len(artifact.to_bytes()),
     }
+    if save_to is not None:
+        out["student_artifact"] = str(artifact.save(save_to))
+    return out
 
 
 def summarize_traffic(rows: list[dict[str, Any]], public_sessions: int) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Benchmark suite: measurements behind the paper's tables (cost, quality), written as JSON."""

@@ -1,0 +1,94 @@
+"""`feddale bench`: run the benchmark tables and write JSON, PNG plots and a Markdown report.
+
+Tables 1, 2 and 4 (quality vs rounds, communication, ablation) come from one set of progressive
+federations (``bench.quality``); table 3 (detection cost) times the student those federations
+produced against teacher scoring (``bench.cost``). Each writes its own JSON, so a table can be
+re-run alone (``--tables cost``) and the report is rebuilt from whatever JSON exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from feddale.config import RunConfig
+from feddale.data.sources import default_source, load_dataset
+
+log = logging.getLogger(__name__)
+
+TABLES = ("quality", "cost", "report")
+
+
+def machine() -> dict[str, Any]:
+    """What the timings depend on: CPU model, cores, torch threads, GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def bench(
+    cfg: RunConfig,
+    out_dir: Path,
+    *,
+    seeds: Sequence[int],
+    rounds: Sequence[int],
+    tables: Sequence[str] = TABLES,
+    ablation_seeds: Sequence[int] = (),
+    ks: Sequence[int] = (50, 100, 200, 400),
+    top_ks: Sequence[int] = (1, 3, 5),
+    fresh: bool = False,
+    progress: bool = True,
+    cost_sessions: int = 500,
+    cost_teacher_sessions: int = 50,
+) -> Path:
+    """Run the asked-for tables into ``out_dir``; returns the report's path."""
+    from feddale.bench import cost, quality, report
+    from feddale.simulate import git_commit
+
+    unknown = set(tables) - set(TABLES)
+    if unknown:
+        raise ValueError(f"unknown tables {sorted(unknown)}; choose from {list(TABLES)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = {"git commit": git_commit(), "config": cfg.name, "machine": json.dumps(machine())}
+    started = time.perf_counter()
+    if "quality" in tables:
+        variants = quality.ablation_variants(cfg, ks, top_ks)
+        quality.run_quality(cfg, out_dir, seeds, rounds, ablation_seeds, variants, progress=progress, fresh=fresh)
+    if "cost" in tables:
+        first = sorted(set(rounds))[0]
+        student = out_dir / "students" / f"student-seed{seeds[0]}-r{first}"
+        if not student.is_dir():
+            raise FileNotFoundError(f"{student} does not exist: run the quality table for seed {seeds[0]} first")
+        source = default_source() if cfg.data.source == "auto" else cfg.data.source
+        pool, public = cost.sample_sessions(load_dataset(source, seed=seeds[0]), 2000, 200, seed=seeds[0])
+        result = cost.measure_cost(
+            student, cfg.teacher_model, None, cfg.score, pool, public,
+            quantization=cfg.quantization, n_student=cost_sessions, n_teacher=cost_teacher_sessions,
+            seed=seeds[0], progress=progress,
+        )
+        result["git_commit"] = git_commit()
+        result["config"] = cfg.model_dump(mode="json")
+        (out_dir / "cost.json").write_text(json.dumps(result, indent=2))
+    header["seconds this invocation"] = round(time.perf_counter() - started, 1)
+    return report.write_report(out_dir, header)

@@ -1,0 +1,80 @@
+"""feddale bench: progressive snapshots, communication accounting, ablation and the report (tiny models)."""
+
+import json
+
+import pytest
+
+from feddale.cli import main
+from feddale.config import load_config
+from feddale.bench import quality
+from feddale.simulate import _snapshot_traffic
+
+SMALL = [
+    "--set", "data.n_clients=2", "--set", "data.public=[30,30]", "--set", "data.test=[20,20]",
+    "--set", "data.validation=[10,10]", "--set", "k_normal=10", "--set", "k_anomalous=10",
+    "--set", "baseline_max_test=10",
+]
+
+
+def test_snapshot_traffic_keeps_only_what_that_run_sends():
+    rows = [
+        {"round": r, "client": 0, "kind": kind, "bytes": 1}
+        for r in (1, 2, 3)
+        for kind in ("adapter_down", "adapter_up", "accuracy_up")
+    ]
+    one_shot = _snapshot_traffic(rows, 0)
+    assert [(r["round"], r["kind"]) for r in one_shot] == [(1, "accuracy_up")]
+    two = {(r["round"], r["kind"]) for r in _snapshot_traffic(rows, 2)}
+    assert two == {
+        (1, "adapter_down"), (1, "adapter_up"), (2, "adapter_down"), (2, "adapter_up"),
+        (3, "adapter_down"), (3, "accuracy_up"),
+    }
+
+
+def test_ablation_variants_vary_one_thing_and_skip_the_default():
+    cfg = load_config("tiny", {"k_normal": 100, "k_anomalous": 100})
+    names = [v.name for v in quality.ablation_variants(cfg, [50, 100], [1, 3])]
+    assert names == ["filter=max", "filter=none", "k=50", "top_k=1"]
+
+
+def test_bench_tiny_writes_tables_plots_and_report_and_resumes(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--config", "tiny", "--quiet", "--out", str(out), "--seeds", "0", "--rounds", "0,1",
+            "--tables", "quality,report", "--ks", "5", "--top-ks", "1", *SMALL]
+    assert main(args) == 0
+    data = json.loads((out / "quality.json").read_text())
+    (run,) = data["runs"]
+    assert [s["fedavg_rounds"] for s in run["snapshots"]] == [0, 1]
+    zero, one = run["snapshots"]
+    # one-shot sends no adapters; one FedAvg round sends one up and two down per client
+    assert "adapter_up" not in zero["communication"]["total_bytes_by_kind"]
+    kinds = one["communication"]["total_bytes_by_kind"]
+    assert kinds["adapter_up"] == 2 * one["adapter_bytes"]
+    assert kinds["adapter_down"] == 4 * one["adapter_bytes"]
+    assert zero["fedavg_teacher_after_distill_round"]["n"] == 10
+    assert set(zero["ablation"]) == {"filter=max", "filter=none", "k=5", "top_k=1"}
+    tables = data["tables"]
+    assert set(tables["quality"]) == {"0", "1"}
+    comm = tables["communication"]["0"]
+    assert comm["fedavg_5_rounds_total_bytes"] == 2 * 2 * 5 * zero["adapter_bytes"]
+    assert comm["reduction_vs_fedavg_5_rounds_pct"] > 0
+    assert set(tables["ablation"]["0"]) == {"default", "filter=max", "filter=none", "k=5", "top_k=1"}
+    for png in ("quality.png", "communication.png", "ablation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    assert "## 1. Detection quality vs FedAvg rounds" in text and "## 4. Ablation" in text
+    assert "![quality vs rounds](quality.png)" in text
+    # a second invocation resumes: the seed is already there, nothing is retrained
+    before = (out / "quality.json").read_text()
+    assert main(args) == 0
+    assert json.loads((out / "quality.json").read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_bench_refuses_to_mix_configs_and_unknown_tables(tmp_path, capsys):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "quality.json").write_text(json.dumps({"config": {"name": "other"}, "rounds": [0], "runs": []}))
+    assert main(["bench", "--config", "tiny", "--out", str(out), "--tables", "quality", *SMALL]) == 2
+    assert "--fresh" in capsys.readouterr().err
+    assert main(["bench", "--config", "tiny", "--out", str(out), "--tables", "plots"]) == 2
+    assert "unknown tables" in capsys.readouterr().err
