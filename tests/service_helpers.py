@@ -12,6 +12,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,3 +146,24 @@ def wait_run(client: TestClient, run_id: str, statuses: tuple[str, ...], timeout
 
     assert poll_until(done, timeout, 0.1), f"run {run_id} stuck: {seen.get('status')} {seen.get('reason')}"
     return seen
+
+
+@contextmanager
+def serve_in_thread(app, **config: object) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread (real sockets: stalls,
+    raw Content-Length headers and TLS need them); yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, **config))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    assert poll_until(lambda: server.started or not thread.is_alive(), 60, 0.05) and server.started, \
+        "uvicorn did not start"
+    scheme = "https" if config.get("ssl_certfile") else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

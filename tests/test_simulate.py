@@ -39,7 +39,9 @@ def test_recipes_and_overrides():
     paper = load_config("tiny", recipe="paper")
     assert paper.recipe == "paper" and paper.selection == "plain" and paper.score.kind == "mean"
     assert not paper.score.end_marker and not paper.teacher.end_marker
+    assert load_config("cpu", recipe="paper").score.view == "full" == load_config("cpu", recipe="paper").teacher.view
     cpu = load_config("cpu", {"teacher.steps": 5})
+    assert cpu.score.view == "compact" == cpu.teacher.view
     assert cpu.teacher.steps == 5 and cpu.teacher_model == "builtin:smollm2-135m"
     with pytest.raises(ValueError, match="unknown recipe"):
         load_config("tiny", recipe="nope")

@@ -8,20 +8,27 @@ Imports of the web stack are module-level: only the services (which depend on it
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import random
+import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +122,14 @@ def auth_headers(token: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- request bodies
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, idle_timeout_s: float | None = 30.0) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes before holding it all.
 
     A declared Content-Length over the limit is refused without reading; a body that lies about
-    its length (or is chunked) is cut off as soon as it crosses the limit.
+    its length (or is chunked) is cut off as soon as it crosses the limit. A sender that stops
+    sending mid-body (a stalled link, a slowloris) gets 408 after ``idle_timeout_s`` without a
+    byte, instead of holding a server task forever; one that hangs up gets 400. Either way
+    nothing partial reaches the caller, so nothing partial can be stored.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -129,7 +139,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         except ValueError as exc:
             raise HTTPException(400, "Content-Length is not an integer") from exc
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"no body bytes for {idle_timeout_s:g} s; send the request again",
+                                headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise HTTPException(400, "the client disconnected before the body was complete") from None
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"body exceeds the {limit}-byte limit")
@@ -138,6 +158,74 @@ async def read_body(request: Request, limit: int) -> bytes:
     if not body:
         raise HTTPException(400, "request body is empty")
     return body
+
+
+SMALL_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: a request-body size limit per endpoint, declared or streamed (413).
+
+    FastAPI parses a JSON body before the endpoint (and its auth check) runs, so without this
+    an unauthenticated caller could make any JSON endpoint buffer an arbitrarily large body.
+    ``rules`` are (method, path regex, limit); the first match wins, else ``default``. A
+    declared Content-Length over the limit is answered at once without reading; a chunked or
+    lying body is cut off as soon as it crosses the limit.
+    """
+
+    def __init__(self, app: ASGIApp, rules: Sequence[tuple[str, str, int]] = (),
+                 default: int = SMALL_BODY_BYTES) -> None:
+        self.app = app
+        self.rules = [(method.upper(), re.compile(pattern), limit) for method, pattern, limit in rules]
+        self.default = default
+
+    def limit_for(self, method: str, path: str) -> int:
+        for rule_method, pattern, limit in self.rules:
+            if rule_method == method.upper() and pattern.fullmatch(path):
+                return limit
+        return self.default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["method"], scope["path"])
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await _reply(send, 400, "Content-Length is not an integer")
+                return
+            if int(declared) > limit:
+                await _reply(send, 413, f"body of {int(declared)} bytes exceeds the {limit}-byte limit "
+                                        f"of {scope['method']} {scope['path']}")
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # An HTTPException reaches the app's exception handling as a 413 response.
+                    raise HTTPException(413, f"body exceeds the {limit}-byte limit", headers={"Connection": "close"})
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _reply(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def limit_bodies(app: FastAPI, rules: Sequence[tuple[str, str, int]] = (), default: int = SMALL_BODY_BYTES) -> None:
+    """Install :class:`BodyLimit` on ``app`` (before it starts)."""
+    app.add_middleware(BodyLimit, rules=rules, default=default)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -238,28 +326,79 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+MAX_ECHOED_INPUT = 256
+
+
+async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each failing field, like FastAPI's own handler, but always renderable.
+
+    FastAPI echoes each offending input back; Python's JSON parser accepts NaN and Infinity,
+    which strict JSON cannot encode, so its handler turned ``{"k": Infinity}`` into a 500. Here
+    non-finite numbers are echoed as strings and large inputs (a 16 MiB detect body) are not
+    echoed at all.
+    """
+    detail = []
+    for error in jsonable_encoder(exc.errors()):
+        error = _finite(error)
+        if "input" in error and len(json.dumps(error["input"])) > MAX_ECHOED_INPUT:
+            error["input"] = "(not echoed: too large)"
+        detail.append(error)
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+class RequestMetrics:
+    """ASGI middleware counting requests by method, route template and status, with latency.
+
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware: that one re-wraps ``receive`` in a
+    task group, which turns a timed-out body read into a fake client disconnect.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # the router fills it in
+            self.metrics.inc("http_requests_total", method=scope["method"], route=path, status=str(status))
+            self.metrics.observe("http_request_seconds", time.perf_counter() - start, route=path)
+
+
 def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> None:
-    """/healthz (process alive), /readyz (dependencies reachable) and /metrics, plus request metrics.
+    """/healthz (process alive), /readyz (dependencies reachable) and /metrics, plus request metrics
+    and a 422 handler that can render any input (see :func:`validation_error`).
 
     ``readiness`` returns named checks; the service is ready when all are true. It runs in a
     thread because the checks do blocking I/O (Redis ping, HTTP to the coordinator).
     """
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     metrics.describe("http_requests_total", "counter", "HTTP requests by route and status")
     metrics.describe("http_request_seconds", "histogram", "HTTP request latency by route")
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[..., Any]) -> Response:
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.inc("http_requests_total", method=request.method, route=path, status=str(status))
-            metrics.observe("http_request_seconds", time.perf_counter() - start, route=path)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -305,7 +444,9 @@ class Backoff:
 
 
 class RetryableStatus(Exception):
-    """A response worth retrying (5xx, 429): the coordinator restarting or overloaded."""
+    """A response worth retrying (5xx, 429, 408): the coordinator restarting, overloaded, or a
+    request whose body stalled on the way (the server gave up waiting; sending again is safe
+    because uploads are idempotent)."""
 
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"{response.request.method} {response.request.url.path} -> {response.status_code}")
@@ -348,8 +489,8 @@ def with_retries(
 
 
 def check(response: httpx.Response) -> httpx.Response:
-    """Raise RetryableStatus for 5xx/429 and HTTPStatusError for other errors; pass 2xx."""
-    if response.status_code >= 500 or response.status_code == 429:
+    """Raise RetryableStatus for 5xx/429/408 and HTTPStatusError for other errors; pass 2xx."""
+    if response.status_code >= 500 or response.status_code in (408, 429):
         raise RetryableStatus(response)
     response.raise_for_status()
     return response

@@ -19,12 +19,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from feddale.detector import Detector
-from feddale.http_common import CoordinatorSession, Metrics
+from feddale.http_common import CoordinatorSession, Metrics, limit_bodies
 from feddale.student import StudentArtifact
 
 log = logging.getLogger(__name__)
@@ -196,13 +195,9 @@ def add_detect_routes(app: FastAPI, slot: ModelSlot, batcher: MicroBatcher, metr
     metrics.describe("sessions_scored_total", "counter", "sessions scored by /v1/detect")
     metrics.describe("batch_sessions", "histogram", "sessions per micro-batch")
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Callable[..., Any]) -> Response:
-        """Refuse oversized detect bodies before parsing them (the schema bounds the rest)."""
-        declared = request.headers.get("content-length", "")
-        if request.url.path == "/v1/detect" and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"body exceeds {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
+    # Oversized detect bodies are refused before parsing, declared or chunked (the schema bounds
+    # the rest); every other route of a serving app takes small bodies only.
+    limit_bodies(app, [("POST", "/v1/detect", MAX_BODY_BYTES)])
 
     @app.post("/v1/detect", response_model=DetectResponse, tags=["detect"])
     async def detect(body: DetectRequest) -> DetectResponse:

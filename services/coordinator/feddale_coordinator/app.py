@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from feddale.config import load_config
 from feddale.deployment import federation_split
 from feddale.http_common import (
-    STUDENT_QUEUE, Metrics, add_ops_routes, bearer_token, read_body, secret_matches,
+    STUDENT_QUEUE, Metrics, add_ops_routes, bearer_token, limit_bodies, read_body, secret_matches,
 )
 
 from feddale_coordinator.artifacts import ArtifactStore
@@ -46,6 +46,9 @@ from feddale_coordinator.store import ClientRecord, RunRecord, Store
 log = logging.getLogger(__name__)
 
 OCTET = "application/octet-stream"
+# Upload endpoints read their body themselves (streamed, size-capped); declare it in the OpenAPI
+# document so clients and schema-driven fuzzers know a binary body is expected.
+BINARY_BODY = {"requestBody": {"required": True, "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}}}
 POLL_IDLE_S = 2.0
 POLL_BUSY_S = 0.5
 SafeId = Annotated[str, Path(pattern=SAFE_ID)]
@@ -64,7 +67,10 @@ def _public_set(settings: Settings, artifacts: ArtifactStore) -> tuple[Any, Publ
 
 def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> FastAPI:
     """Build the app; the public set is derived and written to the artifact store at startup."""
-    r = redis_client or redis.Redis.from_url(settings.redis_url)
+    # Socket timeouts: a Redis that hangs (paused, partitioned) must turn into 503s and a
+    # not-ready probe, not into requests that never return. The coordinator issues no blocking
+    # Redis commands, so no legitimate call waits anywhere near this long.
+    r = redis_client or redis.Redis.from_url(settings.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
     store = Store(r)
     artifacts = ArtifactStore(settings.artifact_dir)
     metrics = Metrics("feddale_coordinator")
@@ -97,6 +103,13 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
         description="Client registry, federated runs and rounds, FedAvg and student publishing.",
     )
     app.state.engine, app.state.store = engine, store
+    # Uploads may be large; every other body (run requests, registrations) is small JSON, refused
+    # above 64 KiB before it is parsed, i.e. before any token is checked.
+    upload = settings.max_upload_bytes
+    limit_bodies(app, [
+        ("PUT", r"/v1/runs/[^/]+/rounds/[^/]+/(adapter|scores)", upload),
+        ("PUT", r"/v1/runs/[^/]+/student", upload),
+    ])
 
     def readiness() -> dict[str, bool]:
         return {"redis": store.ping()}
@@ -223,23 +236,25 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
         store.add_bytes(run_id, who.client_id, down=len(blob))
         return Response(blob, media_type=OCTET)
 
-    @app.put("/v1/runs/{run_id}/rounds/{round_no}/adapter", response_model=UploadAccepted, tags=["clients"])
+    @app.put("/v1/runs/{run_id}/rounds/{round_no}/adapter", response_model=UploadAccepted, tags=["clients"],
+             openapi_extra=BINARY_BODY)
     async def put_adapter(
         run_id: SafeId, round_no: Round, request: Request,
         samples: Annotated[int, Query(ge=1, le=10**9, description="local training sessions (FedAvg weight)")],
         who: ClientRecord = Depends(client),
     ) -> dict[str, Any]:
         """Upload this node's LoRA adapter (safetensors) for a FedAvg round; repeats replace it."""
-        blob = await read_body(request, settings.max_upload_bytes)
+        blob = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
         await run_in_threadpool(count_up, run_id, who, len(blob))
         return await run_in_threadpool(engine.accept_adapter, run_id, round_no, who.client_id, blob, samples)
 
-    @app.put("/v1/runs/{run_id}/rounds/{round_no}/scores", response_model=UploadAccepted, tags=["clients"])
+    @app.put("/v1/runs/{run_id}/rounds/{round_no}/scores", response_model=UploadAccepted, tags=["clients"],
+             openapi_extra=BINARY_BODY)
     async def put_scores(
         run_id: SafeId, round_no: Round, request: Request, who: ClientRecord = Depends(client)
     ) -> dict[str, Any]:
         """Upload this node's accuracy payload on the public set; repeats replace it."""
-        blob = await read_body(request, settings.max_upload_bytes)
+        blob = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
         await run_in_threadpool(count_up, run_id, who, len(blob))
         return await run_in_threadpool(engine.accept_scores, run_id, round_no, who.client_id, blob)
 
@@ -269,11 +284,12 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
         """Config, public set and accepted accuracy payloads of a run (per-run job token)."""
         return engine.student_inputs(run_id, bearer_token(request))
 
-    @app.put("/v1/runs/{run_id}/student", response_model=StudentInfo, tags=["student job"])
+    @app.put("/v1/runs/{run_id}/student", response_model=StudentInfo, tags=["student job"],
+             openapi_extra=BINARY_BODY)
     async def put_student(run_id: SafeId, request: Request) -> StudentInfo:
         """Publish the run's student artifact (idempotent: a retried job gets the same answer)."""
         token = bearer_token(request)
-        blob = await read_body(request, settings.max_upload_bytes)
+        blob = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
         return await run_in_threadpool(engine.publish_student, run_id, token, blob)
 
     return app

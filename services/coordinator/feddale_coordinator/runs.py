@@ -29,6 +29,7 @@ from typing import Any, Literal
 import rq
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 
 from feddale import adapters, federation, models
 from feddale.adapters import AdapterError
@@ -46,6 +47,7 @@ from feddale_coordinator.store import FINAL, RoundSummary, RunRecord, Store
 log = logging.getLogger(__name__)
 
 JOB_TIMEOUT_S = 6 * 3600
+JOB_RETRIES = 2
 
 
 class ApiError(Exception):
@@ -223,6 +225,9 @@ class RunEngine:
 
         The run is saved before enqueueing: a crash in between leaves a run whose job does not
         exist, which the next tick re-enqueues, so a job is never lost and never doubled.
+        Retries are immediate (no interval): a delayed retry needs RQ's scheduler, whose lock a
+        killed worker keeps for minutes; the job itself waits out a coordinator that is away.
+        The description is set because RQ logs it, and the default one would print the token.
         """
         token = new_token()
         run.job_id, run.job_token_hash = f"student-{run.run_id}", hash_token(token)
@@ -231,7 +236,8 @@ class RunEngine:
             STUDENT_JOB,
             kwargs={"run_id": run.run_id, "job_token": token},
             job_id=run.job_id,
-            retry=rq.Retry(max=2, interval=[2, 10]),
+            description=f"train and publish the student of {run.run_id}",
+            retry=rq.Retry(max=JOB_RETRIES),
             job_timeout=JOB_TIMEOUT_S,
             result_ttl=7 * 24 * 3600,
             failure_ttl=7 * 24 * 3600,
@@ -246,6 +252,12 @@ class RunEngine:
             self._enqueue_student(run)
             return
         status = job.get_status()
+        if status == JobStatus.STARTED:
+            # A worker killed mid-job (SIGKILL, OOM, node loss) stops heartbeating; RQ's cleanup
+            # of the started registry then retries the job (or fails it when no retry is left).
+            # RQ itself only runs that cleanup every few minutes; the run waits on it, so do it here.
+            StartedJobRegistry(queue=self.queue).cleanup()
+            status = job.get_status()
         if status == JobStatus.FAILED:
             result = job.latest_result()
             detail = (result.exc_string or "").strip().splitlines()[-1:] if result else []

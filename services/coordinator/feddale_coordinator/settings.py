@@ -19,6 +19,7 @@ class Settings:
     max_upload_bytes: int
     client_ttl_s: float
     tick_s: float
+    body_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -32,4 +33,5 @@ class Settings:
             max_upload_bytes=env_int("FEDDALE_MAX_UPLOAD_BYTES", 64 * 1024 * 1024),
             client_ttl_s=env_float("FEDDALE_CLIENT_TTL_S", 60.0),
             tick_s=env_float("FEDDALE_TICK_S", 0.5),
+            body_timeout_s=env_float("FEDDALE_BODY_TIMEOUT_S", 30.0),
         )

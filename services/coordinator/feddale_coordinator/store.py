@@ -9,6 +9,8 @@ set/hash operations so concurrent requests cannot lose each other's updates.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +22,11 @@ from pydantic import BaseModel
 
 from feddale.http_common import hash_token, new_token, token_matches
 
+log = logging.getLogger(__name__)
+
 P = "feddale:"
+LOCK_TTL_S = 15.0
+LOCK_WAIT_S = 600.0
 Role = Literal["client", "detector"]
 RunStatus = Literal["preparing", "fedavg", "distill", "student_training", "published", "failed"]
 FINAL = ("published", "failed")
@@ -68,8 +74,9 @@ class RunRecord(BaseModel):
 
 
 class Store:
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: redis.Redis, lock_ttl_s: float = LOCK_TTL_S) -> None:
         self.r = r
+        self.lock_ttl_s = lock_ttl_s
 
     def ping(self) -> bool:
         try:
@@ -142,8 +149,38 @@ class Store:
 
     @contextmanager
     def run_lock(self, run_id: str) -> Iterator[None]:
-        with self.r.lock(P + f"lock:run:{run_id}", timeout=600, blocking_timeout=600):
+        """The run's Redis lock, held for as long as the block runs, and no longer than its holder lives.
+
+        The lock expires ``lock_ttl_s`` after its last renewal and a helper thread renews it
+        while the block runs, so a long section (loading a teacher, FedAvg over many adapters)
+        keeps it, while a coordinator killed inside the block (SIGKILL, OOM, node loss) leaves
+        a lock that frees itself within seconds: the restarted coordinator is not locked out
+        of its own run.
+        """
+        lock = self.r.lock(P + f"lock:run:{run_id}", timeout=self.lock_ttl_s, blocking_timeout=LOCK_WAIT_S,
+                           thread_local=False)  # the renewer thread must see the token
+        if not lock.acquire():
+            raise redis.exceptions.LockError(f"run {run_id} stayed locked for {LOCK_WAIT_S:g} s")
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lock_ttl_s / 3):
+                try:
+                    lock.reacquire()
+                except redis.RedisError as exc:  # Redis away, or the lock already lost: say so
+                    log.warning("could not renew the lock of run %s: %s", run_id, exc)
+
+        renewer = threading.Thread(target=renew, name=f"lock-{run_id}", daemon=True)
+        renewer.start()
+        try:
             yield
+        finally:
+            done.set()
+            renewer.join()
+            try:
+                lock.release()
+            except redis.exceptions.LockNotOwnedError:
+                log.warning("the lock of run %s expired while held", run_id)
 
     def claim_active(self, run_id: str) -> bool:
         """Make ``run_id`` the one active run; False when another run is still going."""

@@ -4,7 +4,8 @@ The worker shares no filesystem with the coordinator: it downloads the run's con
 set and accuracy payloads, re-checks every payload against the public set it received,
 aggregates, selects the pseudo-labels, trains the student and uploads it. Any failure raises,
 so RQ retries the job; publishing is idempotent on the coordinator, so a retry after a
-successful upload publishes nothing twice.
+successful upload publishes nothing twice. A coordinator that is away for a while (restarting,
+or waiting for Redis) is waited out here, with backoff, rather than spending RQ's retries.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from feddale.config import RunConfig
 from feddale.data.types import Session
 from feddale.deployment import public_digest
 from feddale.federation import aggregate_scores, select_pseudo_labels
-from feddale.http_common import DEFAULT_COORDINATOR_URL, auth_headers, check, env, http_client
+from feddale.http_common import (
+    DEFAULT_COORDINATOR_URL, Backoff, auth_headers, check, env, http_client, with_retries,
+)
 from feddale.payload import decode_scores
 from feddale.student import train_student
 
 log = logging.getLogger(__name__)
+
+HTTP_ATTEMPTS = 8  # with backoff from 1 s up to 15 s: about a minute of coordinator downtime
 
 
 def train_student_job(
@@ -38,7 +43,10 @@ def train_student_job(
     kwargs: dict[str, Any] = {"transport": transport} if transport is not None else {}
     headers = auth_headers(job_token)
     with http_client(url, timeout=600.0, **kwargs) as http:
-        inputs = check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json()
+        inputs = with_retries(
+            lambda: check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json(),
+            attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"student inputs of {run_id}",
+        )
         cfg = RunConfig.model_validate(inputs["config"])
         public = [Session(id=s["id"], messages=tuple(s["messages"])) for s in inputs["public"]["sessions"]]
         digest = public_digest(public)
@@ -60,9 +68,11 @@ def train_student_job(
             selection.texts, selection.labels, cfg.student.model_copy(update={"seed": cfg.seeds[0]}),
             weights=selection.weights, progress=False,
         )
-        published = check(http.put(
-            f"/v1/runs/{run_id}/student", content=artifact.to_bytes(),
-            headers={**headers, "Content-Type": "application/octet-stream"},
-        )).json()
+        blob = artifact.to_bytes()
+        published = with_retries(
+            lambda: check(http.put(f"/v1/runs/{run_id}/student", content=blob,
+                                   headers={**headers, "Content-Type": "application/octet-stream"})).json(),
+            attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"publishing the student of {run_id}",
+        )
     log.info("run %s: student %s published", run_id, published["version"])
     return {"version": published["version"], "clients": int(matrix.shape[0]), "rows": len(selection.texts)}

@@ -3,11 +3,24 @@
 RQ's work loop must own the main thread (it handles SIGTERM for warm shutdown and forks a
 work-horse per job, so a job's model memory is returned when it ends); the ops endpoints run
 in a uvicorn thread beside it on FEDDALE_PORT (default 8003).
+
+RQ forks each work-horse into its own process group, so killing the worker would leave the
+horse running on as an orphan, holding the ops port and training a second copy of the student
+beside the retry; here a horse dies with its worker and closes the inherited listening socket.
+
+No RQ scheduler runs: retries are immediate, so none is needed. A worker killed mid-job is
+noticed through its heartbeat: it renews the job's entry every FEDDALE_JOB_HEARTBEAT_S
+seconds, and an entry not renewed for three of those is abandoned, which the coordinator
+turns into an RQ retry (a restarted or second worker picks it up).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 
@@ -15,12 +28,48 @@ import redis
 import rq
 import uvicorn
 from fastapi import FastAPI
+from rq.job import Job
 
 from feddale.http_common import (
     DEFAULT_REDIS_URL, STUDENT_QUEUE, Metrics, add_ops_routes, env, env_int, setup_logging,
 )
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_MISSES = 3
+
+
+class StudentWorker(rq.Worker):
+    """RQ's forking worker with a job heartbeat TTL of a few heartbeats instead of RQ's fixed
+    interval + 60 s, so an abandoned student job is retried within seconds of the crash."""
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return max(2, HEARTBEAT_MISSES * int(self.job_monitoring_interval))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def horse_dies_with_worker(server: uvicorn.Server, worker_pid: int) -> None:
+    """Run in every forked work-horse: SIGKILL it when the worker dies, and drop the ops listener.
+
+    The listening socket is closed so that only the worker holds the ops port (a restarted
+    worker can bind it even while a horse still runs). The parent-death signal is Linux-only;
+    elsewhere a horse outlives a killed worker, which costs CPU but publishes nothing twice.
+    """
+    for listener in getattr(server, "servers", []):
+        for sock in listener.sockets:
+            try:
+                os.close(sock.fileno())
+            except OSError:
+                pass
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != worker_pid:  # the worker died before prctl took effect
+            os._exit(1)
 
 
 def ops_app(r: redis.Redis, queue: rq.Queue) -> FastAPI:
@@ -51,18 +100,32 @@ def main() -> None:
     setup_logging("student-trainer")
     r = redis.Redis.from_url(env("FEDDALE_REDIS_URL", DEFAULT_REDIS_URL) or DEFAULT_REDIS_URL)
     queue = rq.Queue(STUDENT_QUEUE, connection=r)
+    heartbeat_s = max(1, env_int("FEDDALE_JOB_HEARTBEAT_S", 10))
     server = uvicorn.Server(uvicorn.Config(
         ops_app(r, queue), host=env("FEDDALE_HOST", "127.0.0.1") or "127.0.0.1",
         port=env_int("FEDDALE_PORT", 8003), log_level="warning", access_log=False,
     ))
     threading.Thread(target=server.run, name="ops-http", daemon=True).start()
+    worker_pid = os.getpid()
+    os.register_at_fork(after_in_child=lambda: horse_dies_with_worker(server, worker_pid))
     try:
         while True:
+            worker = None
             try:
-                rq.Worker([queue], connection=r).work(with_scheduler=True)
-                return  # warm shutdown (SIGTERM/SIGINT)
+                worker = StudentWorker([queue], connection=r, job_monitoring_interval=heartbeat_s)
+                worker.work()
             except redis.ConnectionError as exc:  # Redis away: wait for it instead of dying
                 log.warning("Redis unavailable (%s); retrying in 2 s", exc)
-                time.sleep(2.0)
+            if worker is not None and stop_requested(worker):
+                return  # warm shutdown (SIGTERM/SIGINT)
+            # RQ's loop also *returns* when Redis vanishes between two jobs ("unhandled exception,
+            # quitting"); a worker that quits on a Redis blip would leave every later run waiting.
+            log.warning("the RQ work loop ended without a stop request; starting it again in 2 s")
+            time.sleep(2.0)
     finally:
         server.should_exit = True
+
+
+def stop_requested(worker: rq.Worker) -> bool:
+    """Whether RQ's loop ended because of SIGTERM/SIGINT (RQ stamps the time of the request)."""
+    return getattr(worker, "_shutdown_requested_date", None) is not None
