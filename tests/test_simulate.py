@@ -41,7 +41,7 @@ def test_recipes_and_overrides():
     assert not paper.score.end_marker and not paper.teacher.end_marker
     assert load_config("cpu", recipe="paper").score.view == "full" == load_config("cpu", recipe="paper").teacher.view
     cpu = load_config("cpu", {"teacher.steps": 5})
-    assert cpu.score.view == "compact" == cpu.teacher.view
+    assert cpu.score.view == "full" == cpu.teacher.view and cpu.student.view == "compact"
     assert cpu.teacher.steps == 5 and cpu.teacher_model == "builtin:smollm2-135m"
     with pytest.raises(ValueError, match="unknown recipe"):
         load_config("tiny", recipe="nope")
