@@ -24,8 +24,7 @@ import numpy as np
 
 from feddale import adapters, federation, metrics, models, payload, teacher
 from feddale.config import RunConfig
-from feddale.data.sources import default_source, load_dataset
-from feddale.data.splits import make_split
+from feddale.deployment import federation_split, resolve_source
 from feddale.data.types import FederationSplit, texts_digest
 from feddale.detector import Detector
 from feddale.student import train_student
@@ -188,22 +187,9 @@ def run_federation(
         raise ValueError(f"snapshots must be FedAvg round counts >= 0, got {snapshots}")
     clock = PhaseClock()
     rng = np.random.default_rng(seed)
-    source = default_source() if cfg.data.source == "auto" else cfg.data.source
-
+    source = resolve_source(cfg.data)
     with clock("data"):
-        dataset = load_dataset(source, seed=seed)
-        split = make_split(
-            dataset,
-            cfg.data.n_clients,
-            public=cfg.data.public,
-            test=cfg.data.test,
-            validation=cfg.data.validation,
-            client_anomaly_rate=cfg.data.client_anomaly_rate,
-            partition=cfg.data.partition,
-            dirichlet_alpha=cfg.data.dirichlet_alpha,
-            max_client_sessions=cfg.data.max_client_sessions,
-            seed=seed,
-        )
+        split = federation_split(cfg.data, seed, source)
     client_texts = [[s.text for s in shard] for shard in split.clients]
     public_texts = [s.text for s in split.public]
     digest = texts_digest(public_texts)

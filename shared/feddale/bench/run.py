@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from feddale.config import RunConfig
-from feddale.data.sources import default_source, load_dataset
+from feddale.data.sources import load_dataset
+from feddale.deployment import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def bench(
         student = out_dir / "students" / f"student-seed{seeds[0]}-r{first}"
         if not student.is_dir():
             raise FileNotFoundError(f"{student} does not exist: run the quality table for seed {seeds[0]} first")
-        source = default_source() if cfg.data.source == "auto" else cfg.data.source
-        pool, public = cost.sample_sessions(load_dataset(source, seed=seeds[0]), 2000, 200, seed=seeds[0])
+        dataset = load_dataset(resolve_source(cfg.data), seed=seeds[0])
+        pool, public = cost.sample_sessions(dataset, 2000, 200, seed=seeds[0])
         result = cost.measure_cost(
             student, cfg.teacher_model, None, cfg.score, pool, public,
             quantization=cfg.quantization, n_student=cost_sessions, n_teacher=cost_teacher_sessions,
