@@ -167,3 +167,32 @@ def serve_in_thread(app, **config: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def detector_app_with_tiny_student():
+    """The real detector app already serving a tiny student; its coordinator is stubbed and reachable.
+
+    The stub registers the detector and answers /healthz (so /readyz is 200) and nothing else:
+    there is no newer student to follow.
+    """
+    from feddale.serving import load_student
+    from feddale.student import StudentConfig, train_student
+    from feddale_detector.app import create_app
+    from feddale_detector.settings import Settings
+
+    def coordinator(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/clients/register":
+            return httpx.Response(201, json={"client_id": "d-0", "token": "d-0.x"})
+        if request.url.path == "/healthz":
+            return httpx.Response(200, json={"status": "ok"})
+        return httpx.Response(404, json={"detail": "none"})
+
+    texts = ["Receiving block blk_<*> src: /<*> dest: /<*>", "PacketResponder <*> for block blk_<*> terminating",
+             "Got exception while serving blk_<*> to /<*>:", "writeBlock blk_<*> received exception"]
+    cfg = StudentConfig(base="tiny:bert", steps=1, batch_size=4, micro_batch=4, max_len=32)
+    blob = train_student(texts, [0, 0, 1, 1], cfg, progress=False).to_bytes()
+    settings = Settings(coordinator_url="http://coordinator", bootstrap_secret=BOOTSTRAP, name="det",
+                        state_dir=None, student_poll_s=3600, max_batch=64, max_wait_ms=1)
+    app = create_app(settings, transport=httpx.MockTransport(coordinator))
+    app.state.slot.swap(load_student(blob))
+    return app

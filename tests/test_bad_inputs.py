@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rq.job import Job
 from service_helpers import (  # noqa: F401 - fixtures
+    detector_app_with_tiny_student,
     ADMIN, BOOTSTRAP, admin_headers, coordinator, coordinator_settings, redis_client, redis_server, register,
     serve_in_thread, wait_run,
 )
@@ -40,7 +41,6 @@ from feddale.adapters import AdapterError
 from feddale.http_common import auth_headers
 from feddale.payload import VERSION, PayloadError, PayloadHeader, decode_scores, encode_scores
 from feddale.serving import MAX_BODY_BYTES
-from feddale.student import StudentConfig, train_student
 
 from feddale_coordinator.artifacts import ArtifactStore
 
@@ -217,25 +217,7 @@ def test_a_body_shorter_than_its_content_length_times_out_instead_of_hanging(coo
 @pytest.fixture(scope="module")
 def detector() -> Iterator[TestClient]:
     """The real detector app with a tiny student, its coordinator stubbed (nothing to follow)."""
-    from feddale.serving import load_student
-
-    from feddale_detector.app import create_app
-    from feddale_detector.settings import Settings
-
-    def coordinator(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/clients/register":
-            return httpx.Response(201, json={"client_id": "d-0", "token": "d-0.x"})
-        return httpx.Response(404, json={"detail": "none"})
-
-    texts = ["Receiving block blk_<*> src: /<*> dest: /<*>", "PacketResponder <*> for block blk_<*> terminating",
-             "Got exception while serving blk_<*> to /<*>:", "writeBlock blk_<*> received exception"]
-    cfg = StudentConfig(base="tiny:bert", steps=1, batch_size=4, micro_batch=4, max_len=32)
-    blob = train_student(texts, [0, 0, 1, 1], cfg, progress=False).to_bytes()
-    settings = Settings(coordinator_url="http://coordinator", bootstrap_secret=BOOTSTRAP, name="det",
-                        state_dir=None, student_poll_s=3600, max_batch=64, max_wait_ms=1)
-    app = create_app(settings, transport=httpx.MockTransport(coordinator))
-    with TestClient(app) as client:
-        app.state.slot.swap(load_student(blob))
+    with TestClient(detector_app_with_tiny_student()) as client:
         yield client
 
 

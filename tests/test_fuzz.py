@@ -25,6 +25,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 from service_helpers import (  # noqa: F401 - fixtures
+    detector_app_with_tiny_student,
     ADMIN, BOOTSTRAP, coordinator_settings, redis_client, redis_server, serve_in_thread,
 )
 
@@ -102,27 +103,7 @@ def test_coordinator_api_never_fails_with_5xx_or_hangs(coordinator_api: dict) ->
 @pytest.fixture(scope="module")
 def detector_url() -> Iterator[str]:
     """The real detector app serving a tiny student; its coordinator is stubbed."""
-    from feddale.serving import load_student
-    from feddale.student import StudentConfig, train_student
-
-    from feddale_detector.app import create_app
-    from feddale_detector.settings import Settings
-
-    def coordinator(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/clients/register":
-            return httpx.Response(201, json={"client_id": "d-0", "token": "d-0.x"})
-        if request.url.path == "/healthz":  # a reachable coordinator: /readyz answers 200, not 503
-            return httpx.Response(200, json={"status": "ok"})
-        return httpx.Response(404, json={"detail": "none"})
-
-    texts = ["Receiving block blk_<*> src: /<*> dest: /<*>", "PacketResponder <*> for block blk_<*> terminating",
-             "Got exception while serving blk_<*> to /<*>:", "writeBlock blk_<*> received exception"]
-    cfg = StudentConfig(base="tiny:bert", steps=1, batch_size=4, micro_batch=4, max_len=32)
-    blob = train_student(texts, [0, 0, 1, 1], cfg, progress=False).to_bytes()
-    settings_ = Settings(coordinator_url="http://coordinator", bootstrap_secret=BOOTSTRAP, name="det",
-                         state_dir=None, student_poll_s=3600, max_batch=64, max_wait_ms=1)
-    app = create_app(settings_, transport=httpx.MockTransport(coordinator))
-    app.state.slot.swap(load_student(blob))
+    app = detector_app_with_tiny_student()
     with serve_in_thread(app) as url:
         yield url
 
