@@ -5,6 +5,10 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install -q -c constraints.txt
 SERVICES := services/coordinator services/client-node services/student-trainer services/detector
 STAMP  := $(VENV)/.installed
+# Real HDFS sessions beside the checkout when present (../shared/data/hdfs), else the profile's own
+# choice (a prepared import, or the synthetic generator). `make demo DATA=synthetic` picks explicitly.
+DATA   ?= $(if $(wildcard ../shared/data/hdfs/sessions.csv),hdfs-csv:../shared/data/hdfs)
+DATA_ARG := $(if $(DATA),--data $(DATA))
 
 .PHONY: venv demo simulate test test-fast bench clean
 
@@ -19,13 +23,13 @@ $(STAMP): constraints.txt shared/pyproject.toml $(wildcard services/*/pyproject.
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/feddale demo
+	$(BIN)/feddale demo $(DATA_ARG)
 
 simulate: $(STAMP)
-	$(BIN)/feddale simulate --config configs/cpu.yaml
+	$(BIN)/feddale simulate --config configs/cpu.yaml $(DATA_ARG)
 
 bench: $(STAMP)
-	$(BIN)/feddale bench --config configs/cpu.yaml
+	$(BIN)/feddale bench --config configs/cpu.yaml $(DATA_ARG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

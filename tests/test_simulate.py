@@ -61,3 +61,37 @@ def test_otsu_threshold_splits_two_groups():
     assert 0.2 < otsu_threshold(scores) <= 0.9
     with pytest.raises(ValueError):
         otsu_threshold(np.array([]))
+
+
+def test_paper_profile_runs_its_own_settings_at_tiny_scale(tmp_path):
+    """The GPU users' profile (plain top/bottom-k, batch 16, 10 steps) with tiny stand-in models.
+
+    Only the models, quantization, set sizes and client count (10 tiny clients take minutes on
+    2 cores) are overridden, so a broken paper profile fails here, not on a GPU.
+    """
+    out = tmp_path / "paper"
+    tiny = [
+        "--set", "teacher_model=tiny:llama", "--set", "student.base=tiny:llama", "--set", "quantization=none",
+        "--set", "teacher.max_len=128", "--set", "score.max_len=256", "--set", "score.overlap=32",
+        "--set", "student.max_len=128", "--set", "data.public=[30,30]", "--set", "data.test=[20,20]",
+        "--set", "data.validation=[10,10]", "--set", "data.max_client_sessions=40",
+        "--set", "k_normal=10", "--set", "k_anomalous=10", "--set", "baseline_max_test=10",
+        "--set", "student.steps=5", "--set", "data.n_clients=2",
+    ]
+    args = ["simulate", "--config", "paper", "--data", "synthetic:900,300", "--seeds", "0", "--quiet",
+            "--out", str(out), *tiny]
+    assert main(args) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert len(run["clients"]) == 2
+    assert run["teacher_train"][0]["steps"] == 10
+    labels = run["pseudo_labels"]
+    assert labels["selected_anomalous"] == labels["selected_normal"] == 10  # plain: exactly k sessions a side
+    assert run["fedavg_teacher_after_distill_round"]["n"] == 10
+
+
+def test_paper_profile_refuses_cpu_4bit_with_a_clear_error(tmp_path, capsys):
+    small = ["--set", "data.public=[30,30]", "--set", "data.test=[20,20]", "--set", "data.validation=[10,10]"]
+    args = ["simulate", "--config", "paper", "--data", "synthetic:900,300", "--seeds", "0", "--quiet",
+            "--out", str(tmp_path / "p"), "--set", "teacher_model=tiny:llama", *small]
+    assert main(args) != 0
+    assert "4bit" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def _up(args: argparse.Namespace) -> int:
     from feddale.launcher import up
 
     return up(
-        clients=args.clients,
+        clients=_clients(args),
         data=args.data,
         config=args.config,
         coordinator_port=args.coordinator_port,
@@ -50,7 +50,14 @@ def _up(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from feddale.demo import demo
 
-    return demo(clients=args.clients, config=args.config, data=args.data)
+    return demo(clients=_clients(args), config=args.config, data=args.data)
+
+
+def _clients(args: argparse.Namespace) -> int:
+    """``--clients`` or, when not given, the profile's own number of clients."""
+    from feddale.config import load_config
+
+    return args.clients if args.clients is not None else load_config(args.config).data.n_clients
 
 
 def _ints(text: str | None) -> list[int]:
@@ -108,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_data_fetch)
 
     up = sub.add_parser("up", help="start Redis, coordinator, trainer, detector and N client nodes locally")
-    up.add_argument("--clients", type=int, default=4)
+    up.add_argument("--clients", type=int, help="client nodes (default: the profile's data.n_clients)")
     up.add_argument("--data", help="data source for the client nodes and the public set")
     up.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
     up.add_argument("--coordinator-port", type=int, default=8000)
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_up)
 
     demo = sub.add_parser("demo", help="local federation + one-shot run + evaluation table")
-    demo.add_argument("--clients", type=int, default=4)
+    demo.add_argument("--clients", type=int, help="client nodes (default: the profile's data.n_clients)")
     demo.add_argument("--config", default="cpu")
     demo.add_argument("--data")
     demo.set_defaults(func=_demo)
