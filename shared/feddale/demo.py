@@ -27,16 +27,22 @@ from feddale.launcher import LocalFederation
 DETECT_BATCH = 32
 
 
-def _progress(admin: httpx.Client, run_id: str, timeout_s: float) -> dict[str, Any]:
-    """Poll the run, printing a line whenever its state changes; returns the final view."""
-    start, last, view = time.monotonic(), "", {}
+def _progress(admin: httpx.Client, run_id: str, timeout_s: float, every_s: float = 60.0) -> dict[str, Any]:
+    """Poll the run, printing a line when its state changes and at least every ``every_s``.
+
+    Why the heartbeat: on the cpu profile a round's client work takes many minutes without a
+    state change, and a silent terminal looks like a hang.
+    """
+    start, last, printed, view = time.monotonic(), "", 0.0, {}
     while time.monotonic() - start < timeout_s:
         view = admin.get(f"/v1/runs/{run_id}").json()
-        line = (f"  [{time.monotonic() - start:6.0f} s] {view['status']:<16} round {view['round']}"
-                f"  uploads {len(view['uploaded'])}/{len(view['expected'])}")
-        if line.split("]", 1)[1] != last:
-            print(line, flush=True)
-            last = line.split("]", 1)[1]
+        alive = sum(1 for c in view["clients"].values() if c.get("alive"))
+        state = (f"{view['status']:<16} round {view['round']}  uploads {len(view['uploaded'])}/"
+                 f"{len(view['expected'])}  clients alive {alive}/{len(view['clients'])}")
+        now = time.monotonic()
+        if state != last or now - printed >= every_s:
+            print(f"  [{now - start:6.0f} s] {state}", flush=True)
+            last, printed = state, now
         if view["status"] in ("published", "failed"):
             return view
         time.sleep(2.0)

@@ -108,7 +108,12 @@ class ClientAgent:
         seed = cfg.seeds[0]
         shard = self.status.get("shard") or 0
         local = cfg.teacher.model_copy(update={"seed": seed * 10_000 + round_no * 100 + shard})
+        log.info("round %d of %s (%s): training the teacher on %d private sessions, %d steps",
+                 round_no, run_id, kind, len(self.sessions), local.steps)
+        started = time.monotonic()
         stats = train_teacher(model, tokenizer, [s.text for s in self.sessions], local, progress=False)
+        log.info("trained in %.0f s (loss %.3f -> %.3f)", time.monotonic() - started,
+                 stats.get("loss_first", float("nan")), stats.get("loss_last", float("nan")))
         self.metrics.inc("teacher_rounds_total", kind=kind)
         if kind == "fedavg":
             body = adapters.adapter_to_bytes(adapters.adapter_state(model), models.lora_meta(model))
@@ -117,7 +122,10 @@ class ClientAgent:
         else:
             public = self._public_set(task["public"])
             self.status = {**self.status, "state": f"scoring {len(public)} public sessions ({run_id})"}
+            log.info("scoring %d public sessions", len(public))
+            started = time.monotonic()
             scores = score_texts(model, tokenizer, [s.text for s in public], cfg.score, progress=False)
+            log.info("scored in %.0f s", time.monotonic() - started)
             header = PayloadHeader(
                 version=PAYLOAD_VERSION, public_digest=task["public"]["digest"], run_id=run_id, round=round_no,
                 client_id=self.session.registration["client_id"],  # type: ignore[index]
