@@ -348,9 +348,11 @@ class StallingProxy:
         self.stalled = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.port = 0
+        self._serving: asyncio.Task | None = None
         started = threading.Event()
 
         async def serve() -> None:
+            self._serving = asyncio.current_task()
             server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
             self.port = server.sockets[0].getsockname()[1]
             started.set()
@@ -401,12 +403,19 @@ class StallingProxy:
             up_writer.close()
 
     def close(self) -> None:
-        """Cancel every connection and the server, then end the loop's thread."""
+        """Cancel every connection and wait for it to end, then stop the server and the loop's thread.
+
+        Why wait: a task still pending when the loop closes is finalized later by the garbage
+        collector, inside whatever runs then; once that was CPython's ast.parse in another test,
+        which failed with "AST constructor recursion depth mismatch".
+        """
 
         async def shutdown() -> None:
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            connections = [t for t in asyncio.all_tasks() if t not in (asyncio.current_task(), self._serving)]
+            for task in connections:
+                task.cancel()
+            await asyncio.gather(*connections, return_exceptions=True)
+            self._serving.cancel()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.thread.join(10)
