@@ -183,7 +183,7 @@ def measure_cost(
 
         timing = {"repeats": repeats, "batch_size": batch_size}
         baseline = run({"role": "baseline"})
-        student_job = {"student_dir": str(student_dir), "batch_size": batch_size}
+        student_job = {"student_dir": str(student_dir)}
         student = run({**student_job, "role": "student", "sessions": measured, "compare": len(compared), **timing})
         cached = run({**student_job, "role": "student_stream", "sessions": stream})
         teacher = run(
@@ -398,7 +398,7 @@ def _student_detector(job: dict[str, Any], **options: Any):
     from feddale.student import StudentArtifact
 
     started = time.perf_counter()
-    detector = Detector(StudentArtifact.load(job["student_dir"]), batch_size=job["batch_size"], **options)
+    detector = Detector(StudentArtifact.load(job["student_dir"]), **options)  # its own window batch, as served
     return detector, round(time.perf_counter() - started, 2), _status_mb("VmRSS")
 
 
