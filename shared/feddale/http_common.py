@@ -608,6 +608,10 @@ def setup_logging(service: str) -> None:
         level=(env("FEDDALE_LOG_LEVEL", "INFO") or "INFO").upper(),
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # httpx logs every request at INFO: a client node polling for tasks twice a second
+        # would bury its own training and scoring lines.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def chunked(items: list[T], size: int) -> Iterator[list[T]]:
