@@ -73,10 +73,8 @@ def test_paper_profile_runs_its_own_settings_at_tiny_scale(tmp_path):
     tiny = [
         "--set", "teacher_model=tiny:llama", "--set", "student.base=tiny:llama", "--set", "quantization=none",
         "--set", "teacher.max_len=128", "--set", "score.max_len=256", "--set", "score.overlap=32",
-        "--set", "student.max_len=128", "--set", "data.public=[30,30]", "--set", "data.test=[20,20]",
-        "--set", "data.validation=[10,10]", "--set", "data.max_client_sessions=40",
-        "--set", "k_normal=10", "--set", "k_anomalous=10", "--set", "baseline_max_test=10",
-        "--set", "student.steps=5", "--set", "data.n_clients=2",
+        "--set", "student.max_len=128", "--set", "data.max_client_sessions=40", "--set", "student.steps=5",
+        *SMALL,
     ]
     args = ["simulate", "--config", "paper", "--data", "synthetic:900,300", "--seeds", "0", "--quiet",
             "--out", str(out), *tiny]
@@ -90,8 +88,7 @@ def test_paper_profile_runs_its_own_settings_at_tiny_scale(tmp_path):
 
 
 def test_paper_profile_refuses_cpu_4bit_with_a_clear_error(tmp_path, capsys):
-    small = ["--set", "data.public=[30,30]", "--set", "data.test=[20,20]", "--set", "data.validation=[10,10]"]
     args = ["simulate", "--config", "paper", "--data", "synthetic:900,300", "--seeds", "0", "--quiet",
-            "--out", str(tmp_path / "p"), "--set", "teacher_model=tiny:llama", *small]
+            "--out", str(tmp_path / "p"), "--set", "teacher_model=tiny:llama", *SMALL]
     assert main(args) != 0
     assert "4bit" in capsys.readouterr().err
