@@ -29,7 +29,7 @@ simulate: $(STAMP)
 	$(BIN)/feddale simulate --config configs/cpu.yaml $(DATA_ARG)
 
 bench: $(STAMP)
-	$(BIN)/feddale bench --config configs/cpu.yaml $(DATA_ARG)
+	$(BIN)/feddale bench --config bench $(DATA_ARG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

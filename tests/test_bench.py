@@ -37,10 +37,27 @@ def test_ablation_variants_vary_one_thing_and_skip_the_default():
     assert names == ["filter=max", "filter=none", "k=50", "top_k=1"]
 
 
+def test_ablation_ks_default_to_the_papers_spread_around_the_profiles_k():
+    assert load_config("tiny", {"k_normal": 200}).bench.ablation_ks(200) == [50, 100, 200, 400]
+    cpu = load_config("cpu")
+    assert cpu.bench.ablation_ks(cpu.k_normal) == [round(cpu.k_normal * f) for f in (0.25, 0.5, 1, 2)]
+    assert load_config("tiny", {"bench.ks": [7]}).bench.ablation_ks(20) == [7]
+
+
+def test_bench_profile_is_the_cpu_recipe_at_a_smaller_size():
+    """`make bench` must fit an hour on 2 cores: same models and scoring, smaller budgets and sets."""
+    cpu, bench = load_config("cpu"), load_config("bench")
+    assert (bench.teacher_model, bench.student.base) == (cpu.teacher_model, cpu.student.base)
+    assert bench.score == cpu.score and bench.selection == cpu.selection and bench.filter == cpu.filter
+    assert bench.teacher.steps * bench.teacher.batch_size < cpu.teacher.steps * cpu.teacher.batch_size
+    assert sum(bench.data.public) < sum(cpu.data.public) and bench.baseline
+    assert bench.bench.rounds == [0, 3, 5] and bench.bench.ablation_rounds == [0, 3]
+
+
 def test_bench_tiny_writes_tables_plots_and_report_and_resumes(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--config", "tiny", "--quiet", "--out", str(out), "--seeds", "0", "--rounds", "0,1",
-            "--tables", "quality,report", "--ks", "5", "--top-ks", "1", *SMALL]
+            "--ablation-rounds", "0", "--tables", "quality,report", "--ks", "5", "--top-ks", "1", *SMALL]
     assert main(args) == 0
     data = json.loads((out / "quality.json").read_text())
     (run,) = data["runs"]
@@ -53,6 +70,7 @@ def test_bench_tiny_writes_tables_plots_and_report_and_resumes(tmp_path):
     assert kinds["adapter_down"] == 4 * one["adapter_bytes"]
     assert zero["fedavg_teacher_after_distill_round"]["n"] == 10
     assert set(zero["ablation"]) == {"filter=max", "filter=none", "k=5", "top_k=1"}
+    assert one["ablation"] == {}  # only the snapshots in --ablation-rounds train the extra students
     tables = data["tables"]
     assert set(tables["quality"]) == {"0", "1"}
     comm = tables["communication"]["0"]

@@ -3,6 +3,7 @@
 Timings are not asserted (the machine is shared); only their internal consistency is.
 """
 
+import json
 import os
 import random
 
@@ -154,3 +155,16 @@ def test_distinct_sessions_keep_the_first_of_each_masked_text():
 def test_bad_input_is_refused_before_any_worker_starts(tmp_path, sessions, public, options, match):
     with pytest.raises(ValueError, match=match):
         measure_cost(tmp_path, TEACHER, None, ScoreConfig(), sessions, public, progress=False, **options)
+
+
+def test_report_shows_every_measured_row_and_the_cache_separately(table, tmp_path):
+    from feddale.bench.report import write_report
+
+    (tmp_path / "cost.json").write_text(json.dumps(table))
+    text = write_report(tmp_path, {"config": "tiny"}).read_text()
+    section = text[text.index("## 3. Detection cost"):]
+    for row in ("| student, the teacher's sessions |", "| student, all measured sessions |", "| teacher scoring |"):
+        assert row in section
+    cache_row = next(line for line in section.splitlines() if line.startswith("| student with its LRU cache"))
+    assert f"{table['student_cached_stream']['hit_rate']:.2f}" in cache_row
+    assert f"{table['ratio']['speedup_p50']}×" in section

@@ -71,6 +71,9 @@ def _bench(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(item) for item in args.set)
     if args.data:
         overrides["data.source"] = args.data
+    for flag in ("rounds", "ablation_rounds", "ks", "top_ks"):
+        if getattr(args, flag) is not None:
+            overrides[f"bench.{flag}"] = _ints(getattr(args, flag))
     cfg = load_config(args.config, overrides, recipe=args.recipe)
     if cfg.baseline is False:
         cfg = cfg.model_copy(update={"baseline": True})  # table 1 compares with the FedAvg teacher
@@ -79,11 +82,8 @@ def _bench(args: argparse.Namespace) -> int:
         cfg,
         Path(args.out),
         seeds=seeds,
-        rounds=_ints(args.rounds),
         tables=args.tables.split(","),
         ablation_seeds=_ints(args.ablation_seeds) if args.ablation_seeds is not None else seeds[:1],
-        ks=_ints(args.ks),
-        top_ks=_ints(args.top_ks),
         fresh=args.fresh,
         progress=not args.quiet,
     )
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a whole federation in one process and evaluate it")
-    sim.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
+    sim.add_argument("--config", default="cpu", help="profile (tiny|cpu|bench|paper) or YAML file")
     sim.add_argument("--data", help="data source: synthetic, hdfs-csv:DIR, hdfs-raw:LOG[,LABELS], or a path")
     sim.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     sim.add_argument("--recipe", default="feddale", choices=["feddale", "paper"],
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start Redis, coordinator, trainer, detector and N client nodes locally")
     up.add_argument("--clients", type=int, help="client nodes (default: the profile's data.n_clients)")
     up.add_argument("--data", help="data source for the client nodes and the public set")
-    up.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
+    up.add_argument("--config", default="cpu", help="profile (tiny|cpu|bench|paper) or YAML file")
     up.add_argument("--coordinator-port", type=int, default=8000)
     up.add_argument("--detector-port", type=int, default=8001)
     up.add_argument("--log-dir", help="folder for all service logs")
@@ -130,15 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ben = sub.add_parser("bench", help="benchmark tables (quality vs rounds, communication, cost, ablation)")
-    ben.add_argument("--config", default="cpu", help="profile (tiny|cpu|paper) or YAML file")
+    ben.add_argument("--config", default="bench", help="profile (tiny|cpu|bench|paper) or YAML file")
     ben.add_argument("--data", help="data source, as for simulate")
     ben.add_argument("--recipe", default="feddale", choices=["feddale", "paper"])
     ben.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
-    ben.add_argument("--rounds", default="0,3,5", help="FedAvg rounds before distillation to compare")
+    ben.add_argument("--rounds", help="FedAvg rounds before distillation to compare (default: the profile's, 0,3,5)")
     ben.add_argument("--tables", default="quality,cost,report", help="any of quality,cost,report")
     ben.add_argument("--ablation-seeds", help="seeds that also train the ablation students (default: the first)")
-    ben.add_argument("--ks", default="50,100,200,400", help="pseudo-labels per side for the ablation")
-    ben.add_argument("--top-ks", default="1,3,5", help="top-k of the accuracy metric for the ablation")
+    ben.add_argument("--ablation-rounds", help="snapshots that get the ablation (default: the profile's, 0,3)")
+    ben.add_argument("--ks", help="pseudo-labels per side for the ablation (default: 1/4, 1/2, 1, 2 x k_normal)")
+    ben.add_argument("--top-ks", help="top-k of the accuracy metric for the ablation (default: 1,3,5)")
     ben.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ben.add_argument("--out", default="bench-results", help="output folder (resumes what is there)")
     ben.add_argument("--fresh", action="store_true", help="discard earlier results in --out")

@@ -1,6 +1,6 @@
 """Run configuration: one pydantic model shared by the simulator, the services and the benchmarks.
 
-Profiles live as YAML files in the repository's `configs/` folder (`tiny`, `cpu`, `paper`); a profile
+Profiles live as YAML files in the repository's `configs/` folder (`tiny`, `cpu`, `bench`, `paper`); a profile
 name or a file path both resolve through `load_config`, so every entry point speaks the same language.
 """
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from feddale.student import StudentConfig
 from feddale.teacher import ScoreConfig, TeacherTrainConfig
 
-PROFILES = ("tiny", "cpu", "paper")
+PROFILES = ("tiny", "cpu", "bench", "paper")
 
 # The paper's plain recipe, applied on top of any profile so the two can be compared on the same
 # budget: mean top-k accuracy over the whole session, no end-of-session marker, and the plain
@@ -51,6 +51,30 @@ class DataConfig(BaseModel):
     max_client_sessions: int | None = Field(None, ge=1)
 
 
+class BenchConfig(BaseModel):
+    """What `feddale bench` runs for a profile; its command-line flags override these.
+
+    Why in the profile: a benchmark's size is part of what it measures (the `bench` profile is
+    sized so the whole suite fits an hour on 2 CPU cores), and results record their config.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: list[int] = Field(default_factory=lambda: [0, 3, 5])
+    ablation_rounds: list[int] = Field(default_factory=lambda: [0, 3])
+    # None: a quarter, half, once and twice the profile's k_normal (the paper's 50..400 around 200).
+    ks: list[int] | None = None
+    top_ks: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    cost_sessions: int = Field(500, ge=1)
+    cost_teacher_sessions: int = Field(50, ge=1)
+    cost_repeats: int = Field(3, ge=1)
+
+    def ablation_ks(self, k_normal: int) -> list[int]:
+        if self.ks is not None:
+            return list(self.ks)
+        return sorted({max(1, round(k_normal * f)) for f in (0.25, 0.5, 1.0, 2.0)})
+
+
 class RunConfig(BaseModel):
     """Everything one federation run needs; defaults are the paper's recipe."""
 
@@ -73,6 +97,7 @@ class RunConfig(BaseModel):
     baseline: bool = True
     baseline_max_test: int | None = Field(None, ge=2)
     seeds: list[int] = Field(default_factory=lambda: [0])
+    bench: BenchConfig = BenchConfig()
 
 
 def configs_dir() -> Path:
@@ -91,7 +116,7 @@ def configs_dir() -> Path:
 def load_config(
     name_or_path: str, overrides: dict[str, Any] | None = None, recipe: str = "feddale"
 ) -> RunConfig:
-    """Load a profile (`tiny`, `cpu`, `paper`) or a YAML/JSON file, then a recipe, then dotted overrides."""
+    """Load a profile (`tiny`, `cpu`, `bench`, `paper`) or a YAML/JSON file, then a recipe, then dotted overrides."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     path = Path(name_or_path)

@@ -174,13 +174,16 @@ def run_federation(
     snapshots: Sequence[int],
     variants: Sequence[Variant] = (),
     progress: bool = True,
+    ablation_rounds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """One seed, distilled after each number of FedAvg rounds in ``snapshots``; one row each.
 
     Why one progressive run: the local training of round R+1 is both FedAvg round R+1 and the
     distillation round of a run with R FedAvg rounds (same seeds, same starting adapter), so
     one pass over max(snapshots)+1 rounds yields every snapshot at the cost of the longest.
-    ``variants`` re-use the snapshot's client scores with another filter, k or top-k (ablation).
+    ``variants`` re-use the snapshot's client scores with another filter, k or top-k (ablation),
+    at the snapshots in ``ablation_rounds`` (all when None). The FedAvg-teacher baseline is
+    evaluated where a snapshot distils, the only rounds a report compares.
     """
     snapshots = sorted(set(snapshots))
     if not snapshots or snapshots[0] < 0:
@@ -194,6 +197,7 @@ def run_federation(
     public_texts = [s.text for s in split.public]
     digest = texts_digest(public_texts)
     sizes = [len(t) for t in client_texts]
+    ablated = set(snapshots if ablation_rounds is None else ablation_rounds)
     top_ks = sorted({cfg.score.top_k, *(v.top_k for v in variants)})
 
     with clock("load_teacher"):
@@ -248,7 +252,7 @@ def run_federation(
             states.append(adapters.adapter_from_bytes(up, expected)[0])
         global_state = federation.fedavg(states, sizes)
         baseline = None
-        if cfg.baseline:
+        if cfg.baseline and distills:
             # The FedAvg-only detector after the same amount of client training.
             adapters.load_adapter_state(model, global_state)
             with clock("baseline_eval"):
@@ -270,7 +274,7 @@ def run_federation(
             for client in range(len(client_texts))
         ]
         ablation = {}
-        for variant in variants:
+        for variant in variants if fedavg_rounds in ablated else ():
             with clock("ablation"):
                 result = _distil(cfg, seed, split, public_texts, stacked, variant, None, progress)
             result.pop("student_bytes")

@@ -62,6 +62,7 @@ class StudentConfig(BaseModel):
     view: View = "compact"
     seed: int = Field(0, ge=0)
     balance: bool = True
+    autocast: models.Autocast = "auto"
 
     @model_validator(mode="after")
     def _micro_fits(self) -> StudentConfig:
@@ -367,7 +368,8 @@ def train_student(
             step_loss = 0.0
             for start in range(0, len(batch), cfg.micro_batch):
                 rows = batch[start : start + cfg.micro_batch]
-                logits = peft_model(**encoder.pad([inputs[i] for i in rows], device)).logits
+                with models.autocast(device, cfg.autocast):
+                    logits = peft_model(**encoder.pad([inputs[i] for i in rows], device)).logits
                 loss = torch.nn.functional.cross_entropy(logits.float(), target[rows].to(device))
                 (loss * len(rows) / len(batch)).backward()
                 step_loss += loss.item() * len(rows) / len(batch)
@@ -386,6 +388,7 @@ def train_student(
         "lr": cfg.lr,
         "seed": cfg.seed,
         "balance": cfg.balance,
+        "autocast": cfg.autocast,
         "rows": len(texts),
         "rows_per_class": {name: labels.count(int(k)) for k, name in LABEL_MAP.items()},
         "weight_per_class": {

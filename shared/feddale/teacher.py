@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from feddale.models import Autocast, autocast
 from feddale.preprocess import SEPARATOR, View, as_view, window, window_spans
 
-Autocast = Literal["auto", "bf16", "off"]
 
 # Largest logits block (elements) materialised at once while scoring: 32M fp32 = 128 MB.
 _LOGIT_BUDGET = 32 * 1024 * 1024
@@ -141,14 +141,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device, mode: Autocast):
-    """bf16 autocast: always on CUDA under ``auto``, on CPU only when asked for."""
-    enabled = mode == "bf16" or (mode == "auto" and device.type == "cuda")
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def _pad(rows: Sequence[np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad rows; with causal attention, right padding cannot affect real positions."""
     width = max(len(r) for r in rows)
@@ -251,7 +243,7 @@ def train_teacher(model, tokenizer, texts: Sequence[str], cfg: TeacherTrainConfi
             step_loss = 0.0
             for start in range(0, len(batch), cfg.micro_batch):
                 ids, mask = _pad(batch[start : start + cfg.micro_batch], pad_id, device)
-                with _autocast(device, cfg.autocast):
+                with autocast(device, cfg.autocast):
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
                 loss = F.cross_entropy(
@@ -320,7 +312,7 @@ def _head_and_body(model):
 
 
 def _ranks(
-    model, ids: torch.Tensor, mask: torch.Tensor, autocast: Autocast, with_logp: bool
+    model, ids: torch.Tensor, mask: torch.Tensor, precision: Autocast, with_logp: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per position p: the rank of token p+1 among the predictions ([batch, seq-1]), and its log-prob.
 
@@ -330,7 +322,7 @@ def _ranks(
     computed when asked for (``with_logp``); otherwise the log-probs come back as zeros.
     """
     body, head = _head_and_body(model)
-    with _autocast(ids.device, autocast):
+    with autocast(ids.device, precision):
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         vocab = head.weight.shape[0]
         step = max(1, _LOGIT_BUDGET // (ids.shape[0] * vocab))

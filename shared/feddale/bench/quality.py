@@ -4,7 +4,8 @@ All three come from the same progressive federations (``simulate.run_federation`
 clients train for max(rounds)+1 rounds and the server distils after each number of FedAvg
 rounds asked for, next to the FedAvg-only teacher detector after the same client training.
 The ablation re-uses a snapshot's client scores with another filter, k or top-k, so it costs
-student trainings only. Results go to ``quality.json`` after every seed: a re-run skips the
+student trainings only; it runs at the snapshots in ``ablation_rounds`` (one-shot and 3 rounds
+by default, as in the paper). Results go to ``quality.json`` after every seed: a re-run skips the
 seeds already there (resume), ``--fresh`` starts over.
 """
 
@@ -52,6 +53,7 @@ def run_quality(
     rounds: Sequence[int],
     ablation_seeds: Sequence[int],
     variants: Sequence[Variant],
+    ablation_rounds: Sequence[int] | None = None,
     progress: bool = True,
     fresh: bool = False,
 ) -> dict[str, Any]:
@@ -75,7 +77,10 @@ def run_quality(
             continue
         log.info("seed %d: federation over rounds %s", seed, results["rounds"])
         chosen = variants if seed in ablation_seeds else ()
-        snapshots = run_federation(cfg, seed, out_dir / "students", results["rounds"], chosen, progress=progress)
+        snapshots = run_federation(
+            cfg, seed, out_dir / "students", results["rounds"], chosen, progress=progress,
+            ablation_rounds=ablation_rounds,
+        )
         results["runs"].append({"seed": seed, "snapshots": snapshots})
         results["tables"] = tables(results["runs"])
         _write_json(path, results)

@@ -53,40 +53,40 @@ def bench(
     out_dir: Path,
     *,
     seeds: Sequence[int],
-    rounds: Sequence[int],
     tables: Sequence[str] = TABLES,
     ablation_seeds: Sequence[int] = (),
-    ks: Sequence[int] = (50, 100, 200, 400),
-    top_ks: Sequence[int] = (1, 3, 5),
     fresh: bool = False,
     progress: bool = True,
-    cost_sessions: int = 500,
-    cost_teacher_sessions: int = 50,
 ) -> Path:
-    """Run the asked-for tables into ``out_dir``; returns the report's path."""
+    """Run the asked-for tables into ``out_dir``, sized by ``cfg.bench``; returns the report's path."""
     from feddale.bench import cost, quality, report
     from feddale.simulate import git_commit
 
     unknown = set(tables) - set(TABLES)
     if unknown:
         raise ValueError(f"unknown tables {sorted(unknown)}; choose from {list(TABLES)}")
+    sizes = cfg.bench
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {"git commit": git_commit(), "config": cfg.name, "machine": json.dumps(machine())}
     started = time.perf_counter()
     if "quality" in tables:
-        variants = quality.ablation_variants(cfg, ks, top_ks)
-        quality.run_quality(cfg, out_dir, seeds, rounds, ablation_seeds, variants, progress=progress, fresh=fresh)
+        variants = quality.ablation_variants(cfg, sizes.ablation_ks(cfg.k_normal), sizes.top_ks)
+        quality.run_quality(
+            cfg, out_dir, seeds, sizes.rounds, ablation_seeds, variants, sizes.ablation_rounds,
+            progress=progress, fresh=fresh,
+        )
     if "cost" in tables:
-        first = sorted(set(rounds))[0]
+        first = sorted(set(sizes.rounds))[0]
         student = out_dir / "students" / f"student-seed{seeds[0]}-r{first}"
         if not student.is_dir():
             raise FileNotFoundError(f"{student} does not exist: run the quality table for seed {seeds[0]} first")
+        log.info("detection cost: student %s against teacher scoring", student.name)
         dataset = load_dataset(resolve_source(cfg.data), seed=seeds[0])
         pool, public = cost.sample_sessions(dataset, 2000, 200, seed=seeds[0])
         result = cost.measure_cost(
             student, cfg.teacher_model, None, cfg.score, pool, public,
-            quantization=cfg.quantization, n_student=cost_sessions, n_teacher=cost_teacher_sessions,
-            seed=seeds[0], progress=progress,
+            quantization=cfg.quantization, n_student=sizes.cost_sessions, n_teacher=sizes.cost_teacher_sessions,
+            repeats=sizes.cost_repeats, seed=seeds[0], progress=progress,
         )
         result["git_commit"] = git_commit()
         result["config"] = cfg.model_dump(mode="json")
