@@ -31,10 +31,17 @@ def test_snapshot_traffic_keeps_only_what_that_run_sends():
     }
 
 
-def test_ablation_variants_vary_one_thing_and_skip_the_default():
-    cfg = load_config("tiny", {"k_normal": 100, "k_anomalous": 100})
-    names = [v.name for v in quality.ablation_variants(cfg, [50, 100], [1, 3])]
-    assert names == ["filter=max", "filter=none", "k=50", "top_k=1"]
+def test_ablation_plan_varies_one_thing_at_a_time_where_asked_and_skips_the_default():
+    cfg = load_config("tiny", {
+        "k_normal": 100, "k_anomalous": 100, "bench.ks": [50, 100], "bench.top_ks": [1, 3],
+        "bench.ablation_rounds": [0, 3], "bench.top_k_rounds": [0, 5],
+    })
+    names = {r: [v.name for v in variants] for r, variants in quality.ablation_plan(cfg).items()}
+    assert names == {
+        0: ["filter=max", "filter=none", "k=50", "top_k=1"],
+        3: ["filter=max", "filter=none", "k=50"],
+        5: ["top_k=1"],
+    }
 
 
 def test_ablation_ks_default_to_the_papers_spread_around_the_profiles_k():
@@ -52,12 +59,14 @@ def test_bench_profile_is_the_cpu_recipe_at_a_smaller_size():
     assert bench.teacher.steps * bench.teacher.batch_size < cpu.teacher.steps * cpu.teacher.batch_size
     assert sum(bench.data.public) < sum(cpu.data.public) and bench.baseline
     assert bench.bench.rounds == [0, 3, 5] and bench.bench.ablation_rounds == [0, 3]
+    assert bench.bench.top_k_rounds == [0]
 
 
 def test_bench_tiny_writes_tables_plots_and_report_and_resumes(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--config", "tiny", "--quiet", "--out", str(out), "--seeds", "0", "--rounds", "0,1",
-            "--ablation-rounds", "0", "--tables", "quality,report", "--ks", "5", "--top-ks", "1", *SMALL]
+            "--ablation-rounds", "0", "--top-k-rounds", "0", "--tables", "quality,report", "--ks", "5",
+            "--top-ks", "1", *SMALL]
     assert main(args) == 0
     data = json.loads((out / "quality.json").read_text())
     (run,) = data["runs"]

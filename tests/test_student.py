@@ -92,6 +92,17 @@ def test_artifact_records_training(artifact):
     assert artifact.version == artifact.digest[:12] and len(artifact.digest) == 64
 
 
+def test_bf16_autocast_trains_a_working_student_and_is_recorded(toy):
+    """bf16 autocast on CPU (an opt-in speed-up) changes the arithmetic, not what is learned."""
+    texts, labels, test, test_labels = toy
+    fast = train_student(texts, labels, CFG.model_copy(update={"autocast": "bf16"}), progress=False)
+    assert fast.meta.stats["autocast"] == "bf16"
+    report = binary_report(test_labels, Detector(fast).predict_proba(test), threshold=0.5)
+    assert report["roc_auc"] >= 0.9
+    with pytest.raises(ValueError):
+        StudentConfig(autocast="fp8")
+
+
 def test_training_is_deterministic_and_weights_matter(toy):
     texts, labels, _, _ = toy
     small = CFG.model_copy(update={"steps": 2, "batch_size": 4, "micro_batch": 2})

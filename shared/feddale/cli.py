@@ -71,7 +71,7 @@ def _bench(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(item) for item in args.set)
     if args.data:
         overrides["data.source"] = args.data
-    for flag in ("rounds", "ablation_rounds", "ks", "top_ks"):
+    for flag in ("rounds", "ablation_rounds", "ks", "top_ks", "top_k_rounds"):
         if getattr(args, flag) is not None:
             overrides[f"bench.{flag}"] = _ints(getattr(args, flag))
     cfg = load_config(args.config, overrides, recipe=args.recipe)
@@ -137,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--rounds", help="FedAvg rounds before distillation to compare (default: the profile's, 0,3,5)")
     ben.add_argument("--tables", default="quality,cost,report", help="any of quality,cost,report")
     ben.add_argument("--ablation-seeds", help="seeds that also train the ablation students (default: the first)")
-    ben.add_argument("--ablation-rounds", help="snapshots that get the ablation (default: the profile's, 0,3)")
+    ben.add_argument("--ablation-rounds", help="snapshots that get the filter and k ablation (default: the profile's, 0,3)")
     ben.add_argument("--ks", help="pseudo-labels per side for the ablation (default: 1/4, 1/2, 1, 2 x k_normal)")
     ben.add_argument("--top-ks", help="top-k of the accuracy metric for the ablation (default: 1,3,5)")
+    ben.add_argument("--top-k-rounds", help="snapshots that get the top-k ablation (default: the profile's, 0)")
     ben.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ben.add_argument("--out", default="bench-results", help="output folder (resumes what is there)")
     ben.add_argument("--fresh", action="store_true", help="discard earlier results in --out")

@@ -61,10 +61,11 @@ class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rounds: list[int] = Field(default_factory=lambda: [0, 3, 5])
-    ablation_rounds: list[int] = Field(default_factory=lambda: [0, 3])
+    ablation_rounds: list[int] = Field(default_factory=lambda: [0, 3])  # filter and k
     # None: a quarter, half, once and twice the profile's k_normal (the paper's 50..400 around 200).
     ks: list[int] | None = None
     top_ks: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    top_k_rounds: list[int] = Field(default_factory=lambda: [0])
     cost_sessions: int = Field(500, ge=1)
     cost_teacher_sessions: int = Field(50, ge=1)
     cost_repeats: int = Field(3, ge=1)

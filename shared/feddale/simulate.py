@@ -14,7 +14,7 @@ import resource
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,18 +172,17 @@ def run_federation(
     seed: int,
     out_dir: Path,
     snapshots: Sequence[int],
-    variants: Sequence[Variant] = (),
+    ablation_plan: Mapping[int, Sequence[Variant]] | None = None,
     progress: bool = True,
-    ablation_rounds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """One seed, distilled after each number of FedAvg rounds in ``snapshots``; one row each.
 
     Why one progressive run: the local training of round R+1 is both FedAvg round R+1 and the
     distillation round of a run with R FedAvg rounds (same seeds, same starting adapter), so
     one pass over max(snapshots)+1 rounds yields every snapshot at the cost of the longest.
-    ``variants`` re-use the snapshot's client scores with another filter, k or top-k (ablation),
-    at the snapshots in ``ablation_rounds`` (all when None). The FedAvg-teacher baseline is
-    evaluated where a snapshot distils, the only rounds a report compares.
+    ``ablation_plan`` maps a snapshot to variants that re-use its client scores with another filter,
+    k or top-k. The FedAvg-teacher baseline is evaluated where a snapshot distils, the only
+    rounds a report compares.
     """
     snapshots = sorted(set(snapshots))
     if not snapshots or snapshots[0] < 0:
@@ -197,8 +196,8 @@ def run_federation(
     public_texts = [s.text for s in split.public]
     digest = texts_digest(public_texts)
     sizes = [len(t) for t in client_texts]
-    ablated = set(snapshots if ablation_rounds is None else ablation_rounds)
-    top_ks = sorted({cfg.score.top_k, *(v.top_k for v in variants)})
+    plan = ablation_plan or {}
+    top_ks = sorted({cfg.score.top_k, *(v.top_k for variants in plan.values() for v in variants)})
 
     with clock("load_teacher"):
         base, tokenizer = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=seed)
@@ -274,7 +273,7 @@ def run_federation(
             for client in range(len(client_texts))
         ]
         ablation = {}
-        for variant in variants if fedavg_rounds in ablated else ():
+        for variant in plan.get(fedavg_rounds, ()):
             with clock("ablation"):
                 result = _distil(cfg, seed, split, public_texts, stacked, variant, None, progress)
             result.pop("student_bytes")

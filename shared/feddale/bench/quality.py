@@ -4,8 +4,8 @@ All three come from the same progressive federations (``simulate.run_federation`
 clients train for max(rounds)+1 rounds and the server distils after each number of FedAvg
 rounds asked for, next to the FedAvg-only teacher detector after the same client training.
 The ablation re-uses a snapshot's client scores with another filter, k or top-k, so it costs
-student trainings only; it runs at the snapshots in ``ablation_rounds`` (one-shot and 3 rounds
-by default, as in the paper). Results go to ``quality.json`` after every seed: a re-run skips the
+student trainings only; filter and k run at ``bench.ablation_rounds`` (one-shot and 3 rounds by
+default, as in the paper), top-k at ``bench.top_k_rounds`` (one-shot). Results go to ``quality.json`` after every seed: a re-run skips the
 seeds already there (resume), ``--fresh`` starts over.
 """
 
@@ -26,61 +26,59 @@ log = logging.getLogger(__name__)
 METRICS = ("f1", "precision", "recall", "roc_auc")
 
 
-def ablation_variants(cfg: RunConfig, ks: Sequence[int], top_ks: Sequence[int]) -> list[Variant]:
-    """Filters (mean, max, none), k per side and the accuracy metric's top-k, one at a time.
+def ablation_plan(cfg: RunConfig) -> dict[int, list[Variant]]:
+    """The extra students per snapshot: filter (mean, max, none) and k at ``bench.ablation_rounds``,
+    the accuracy metric's top-k at ``bench.top_k_rounds``; one setting varied at a time.
 
     The default variant (the profile's own settings) is the snapshot's main student, so it is
     not repeated here.
     """
+    sizes = cfg.bench
     default = (cfg.filter, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k)
-    wanted = [Variant(f"filter={f}", f, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k) for f in ("mean", "max", "none")]
-    wanted += [Variant(f"k={k}", cfg.filter, k, k, cfg.score.top_k) for k in ks]
-    wanted += [Variant(f"top_k={t}", cfg.filter, cfg.k_normal, cfg.k_anomalous, t) for t in top_ks]
-    seen: set[tuple] = {default}
-    out = []
-    for variant in wanted:
-        key = (variant.filter, variant.k_normal, variant.k_anomalous, variant.top_k)
-        if key not in seen:
-            seen.add(key)
-            out.append(variant)
-    return out
+    selection = [Variant(f"filter={f}", f, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k) for f in ("mean", "max", "none")]
+    selection += [Variant(f"k={k}", cfg.filter, k, k, cfg.score.top_k) for k in sizes.ablation_ks(cfg.k_normal)]
+    metric = [Variant(f"top_k={t}", cfg.filter, cfg.k_normal, cfg.k_anomalous, t) for t in sizes.top_ks]
+    plan: dict[int, list[Variant]] = {}
+    for rounds in sorted(set(sizes.ablation_rounds) | set(sizes.top_k_rounds)):
+        wanted = (selection if rounds in sizes.ablation_rounds else []) + (metric if rounds in sizes.top_k_rounds else [])
+        seen: set[tuple] = {default}
+        plan[rounds] = []
+        for variant in wanted:
+            key = (variant.filter, variant.k_normal, variant.k_anomalous, variant.top_k)
+            if key not in seen:
+                seen.add(key)
+                plan[rounds].append(variant)
+    return plan
 
 
 def run_quality(
     cfg: RunConfig,
     out_dir: Path,
     seeds: Sequence[int],
-    rounds: Sequence[int],
     ablation_seeds: Sequence[int],
-    variants: Sequence[Variant],
-    ablation_rounds: Sequence[int] | None = None,
     progress: bool = True,
     fresh: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the progressive federations and write ``quality.json``."""
+    """Run (or resume) the progressive federations over ``cfg.bench.rounds`` and write ``quality.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "quality.json"
+    rounds = sorted(set(cfg.bench.rounds))
     done: dict[str, Any] = {}
     if path.exists() and not fresh:
         done = json.loads(path.read_text())
-        if done.get("config") != cfg.model_dump(mode="json") or done.get("rounds") != sorted(set(rounds)):
+        if done.get("config") != cfg.model_dump(mode="json") or done.get("rounds") != rounds:
             raise ValueError(f"{path} was written for another config or rounds; pass --fresh to start over")
-    results: dict[str, Any] = {
-        "config": cfg.model_dump(mode="json"),
-        "rounds": sorted(set(rounds)),
-        "runs": done.get("runs", []),
-    }
+    results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "rounds": rounds, "runs": done.get("runs", [])}
     have = {run["seed"] for run in results["runs"]}
+    plan = ablation_plan(cfg)
     for seed in seeds:
         if seed in have:
             log.info("seed %d: already in %s, skipped", seed, path)
             continue
-        log.info("seed %d: federation over rounds %s", seed, results["rounds"])
-        chosen = variants if seed in ablation_seeds else ()
-        snapshots = run_federation(
-            cfg, seed, out_dir / "students", results["rounds"], chosen, progress=progress,
-            ablation_rounds=ablation_rounds,
-        )
+        chosen = plan if seed in ablation_seeds else {}
+        log.info("seed %d: federation over rounds %s, %d ablation students", seed, rounds,
+                 sum(len(v) for v in chosen.values()))
+        snapshots = run_federation(cfg, seed, out_dir / "students", rounds, chosen, progress=progress)
         results["runs"].append({"seed": seed, "snapshots": snapshots})
         results["tables"] = tables(results["runs"])
         _write_json(path, results)

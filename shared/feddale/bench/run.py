@@ -70,11 +70,7 @@ def bench(
     header = {"git commit": git_commit(), "config": cfg.name, "machine": json.dumps(machine())}
     started = time.perf_counter()
     if "quality" in tables:
-        variants = quality.ablation_variants(cfg, sizes.ablation_ks(cfg.k_normal), sizes.top_ks)
-        quality.run_quality(
-            cfg, out_dir, seeds, sizes.rounds, ablation_seeds, variants, sizes.ablation_rounds,
-            progress=progress, fresh=fresh,
-        )
+        quality.run_quality(cfg, out_dir, seeds, ablation_seeds, progress=progress, fresh=fresh)
     if "cost" in tables:
         first = sorted(set(sizes.rounds))[0]
         student = out_dir / "students" / f"student-seed{seeds[0]}-r{first}"
