@@ -70,6 +70,7 @@ def test_bench_tiny_writes_tables_plots_and_report_and_resumes(tmp_path):
     assert main(args) == 0
     data = json.loads((out / "quality.json").read_text())
     (run,) = data["runs"]
+    assert run["seed"] == 0 and run["machine"]["cores"] >= 1 and "git_commit" in run
     assert [s["fedavg_rounds"] for s in run["snapshots"]] == [0, 1]
     zero, one = run["snapshots"]
     # one-shot sends no adapters; one FedAvg round sends one up and two down per client

@@ -57,7 +57,8 @@ def plot_communication(communication: dict[str, Any], path: Path) -> Path:
             labels.append(f"FedAvg {key.split('_')[1]} rounds")
             values.append(value)
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    bars = ax.bar(labels, [v / 1e6 for v in values], color=["tab:blue"] * (len(labels) - 2) + ["tab:gray"] * 2)
+    colors = ["tab:gray" if label.startswith("FedAvg") else "tab:blue" for label in labels]
+    bars = ax.bar(labels, [v / 1e6 for v in values], color=colors)
     ax.set_yscale("log")
     ax.set_ylabel("total bytes, all clients (MB, log scale)")
     ax.bar_label(bars, labels=[f"{v / 1e6:.3g} MB" for v in values], fontsize=8)
@@ -79,5 +80,5 @@ def plot_ablation(ablation: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("student test F1")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the bars
     return _save(fig, path)

@@ -5,8 +5,9 @@ clients train for max(rounds)+1 rounds and the server distils after each number 
 rounds asked for, next to the FedAvg-only teacher detector after the same client training.
 The ablation re-uses a snapshot's client scores with another filter, k or top-k, so it costs
 student trainings only; filter and k run at ``bench.ablation_rounds`` (one-shot and 3 rounds by
-default, as in the paper), top-k at ``bench.top_k_rounds`` (one-shot). Results go to ``quality.json`` after every seed: a re-run skips the
-seeds already there (resume), ``--fresh`` starts over.
+default, as in the paper), top-k at ``bench.top_k_rounds`` (one-shot). Results go to
+``quality.json`` after every seed: a re-run skips the seeds already there (resume), ``--fresh``
+starts over.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from feddale.config import RunConfig
-from feddale.simulate import Variant, run_federation
+from feddale.bench.run import machine
+from feddale.simulate import Variant, git_commit, run_federation
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,15 @@ def ablation_plan(cfg: RunConfig) -> dict[int, list[Variant]]:
     """
     sizes = cfg.bench
     default = (cfg.filter, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k)
-    selection = [Variant(f"filter={f}", f, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k) for f in ("mean", "max", "none")]
+    selection = [
+        Variant(f"filter={f}", f, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k) for f in ("mean", "max", "none")
+    ]
     selection += [Variant(f"k={k}", cfg.filter, k, k, cfg.score.top_k) for k in sizes.ablation_ks(cfg.k_normal)]
     metric = [Variant(f"top_k={t}", cfg.filter, cfg.k_normal, cfg.k_anomalous, t) for t in sizes.top_ks]
     plan: dict[int, list[Variant]] = {}
     for rounds in sorted(set(sizes.ablation_rounds) | set(sizes.top_k_rounds)):
-        wanted = (selection if rounds in sizes.ablation_rounds else []) + (metric if rounds in sizes.top_k_rounds else [])
+        wanted = selection if rounds in sizes.ablation_rounds else []
+        wanted = wanted + (metric if rounds in sizes.top_k_rounds else [])
         seen: set[tuple] = {default}
         plan[rounds] = []
         for variant in wanted:
@@ -79,7 +84,7 @@ def run_quality(
         log.info("seed %d: federation over rounds %s, %d ablation students", seed, rounds,
                  sum(len(v) for v in chosen.values()))
         snapshots = run_federation(cfg, seed, out_dir / "students", rounds, chosen, progress=progress)
-        results["runs"].append({"seed": seed, "snapshots": snapshots})
+        results["runs"].append({"seed": seed, "git_commit": git_commit(), "machine": machine(), "snapshots": snapshots})
         results["tables"] = tables(results["runs"])
         _write_json(path, results)
     results["tables"] = tables(results["runs"])

@@ -19,6 +19,11 @@ def _ms(x: dict[str, Any]) -> str:
     return f"{x['mean']:.3f} ± {x['std']:.3f} (n={x['n']})"
 
 
+def _change(reduction_pct: float) -> str:
+    """A reduction as a signed change: 99.2 -> "−99.2%", -10.8 (FedDALE sent more) -> "+10.8%"."""
+    return f"−{reduction_pct:.1f}%" if reduction_pct >= 0 else f"+{-reduction_pct:.1f}%"
+
+
 def quality_section(data: dict[str, Any], figures: dict[str, str]) -> list[str]:
     tables = data["tables"]
     lines = ["## 1. Detection quality vs FedAvg rounds", ""]
@@ -53,18 +58,21 @@ def communication_section(data: dict[str, Any], figures: dict[str, str]) -> list
     lines += [
         "Bytes are the exact bodies the services send (the serializers the coordinator's HTTP accounting",
         "counts): safetensors adapters, accuracy payloads, student artifacts. FedAvg-only sends one adapter",
-        "up and one down per client per round.",
+        "up and one down per client per round. FedDALE after R FedAvg rounds sends those R rounds plus",
+        "the distillation round (the global adapter down, accuracies up, the student down).",
         "",
-        "| setting | adapter (B) | accuracy payload per client (B) | B per public session | student down per client (B) | FedDALE total (B) | vs FedAvg 5 rounds |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | adapter (B) | accuracy payload per client (B) | B per public session | student down per client (B)"
+        " | FedDALE total (B) | vs FedAvg, same rounds (1 for one-shot) | vs FedAvg 5 rounds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rounds, row in sorted(comm.items(), key=lambda kv: int(kv[0])):
         per = row["per_client_bytes_by_kind"]
+        same = row[f"reduction_vs_fedavg_{max(int(rounds), 1)}_rounds_pct"]
         lines.append(
             f"| {'one-shot' if int(rounds) == 0 else f'{rounds} FedAvg rounds'} | {row['adapter_bytes']:,}"
             f" | {per.get('accuracy_up', 0):,.0f} | {row['accuracy_bytes_per_public_session']:.3f}"
             f" | {per.get('student_down', 0):,.0f} | {row['feddale_total_bytes']:,}"
-            f" | −{row['reduction_vs_fedavg_5_rounds_pct']:.1f}% |"
+            f" | {_change(same)} | {_change(row['reduction_vs_fedavg_5_rounds_pct'])} |"
         )
     zero = comm.get("0") or comm.get(0)
     if zero:
@@ -74,7 +82,7 @@ def communication_section(data: dict[str, Any], figures: dict[str, str]) -> list
             "",
             f"Targets: uplink ≤ {TARGET_BYTES_PER_SESSION} B per public session: {b:.3f} — "
             f"**{'met' if b <= TARGET_BYTES_PER_SESSION else 'not met'}**; one-shot total ≥ {TARGET_REDUCTION_PCT:.0f}%"
-            f" below 5 FedAvg rounds: −{r:.1f}% — **{'met' if r >= TARGET_REDUCTION_PCT else 'not met'}**.",
+            f" below 5 FedAvg rounds: {_change(r)} — **{'met' if r >= TARGET_REDUCTION_PCT else 'not met'}**.",
         ]
     if "communication" in figures:
         lines += ["", f"![communication]({figures['communication']})"]
