@@ -56,7 +56,7 @@ def build_student(kind: str, seed: int = 0) -> bytes:
     """Artifact bytes: ``tiny`` (random tiny BERT), ``minilm`` (bundled MiniLM, a short training
     on synthetic sessions: the real model size, not a tuned model) or a path to an artifact
     directory (``student.json`` + ``student.safetensors``) or a ``.bin`` blob."""
-    from feddale.student import StudentArtifact, StudentConfig, train_student
+    from feddale.method.student import StudentArtifact, StudentConfig, train_student
 
     path = Path(kind)
     if path.is_dir():
@@ -82,7 +82,7 @@ def stub_coordinator(blob: bytes) -> Any:
     """The three coordinator endpoints a detector uses, publishing one student."""
     from fastapi import FastAPI, Response
 
-    from feddale.student import StudentArtifact
+    from feddale.method.student import StudentArtifact
 
     artifact = StudentArtifact.from_bytes(blob)
     info = {"version": artifact.version, "run_id": "run-load", "base_model": artifact.meta.base,
@@ -113,7 +113,7 @@ def stub_coordinator(blob: bytes) -> Any:
 def serve_thread(app: Any) -> Iterator[str]:
     import uvicorn
 
-    from feddale.launcher import free_port
+    from feddale.ops.launcher import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
@@ -132,7 +132,7 @@ def serve_thread(app: Any) -> Iterator[str]:
 
 @contextmanager
 def detector_process(coordinator_url: str, log_path: Path, threads: int | None) -> Iterator[tuple[str, int]]:
-    from feddale.launcher import free_port
+    from feddale.ops.launcher import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDALE_")}

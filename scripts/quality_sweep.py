@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from feddale import adapters, federation, metrics, models, teacher
-from feddale.config import load_config, parse_override
+from feddale.method import adapters, federation, metrics, models, teacher
+from feddale.method.config import load_config, parse_override
 from feddale.data.sources import load_dataset
 from feddale.data.splits import make_split
-from feddale.detector import Detector
-from feddale.simulate import teacher_diagnostics
-from feddale.student import train_student
+from feddale.method.detector import Detector
+from feddale.harness.simulate import teacher_diagnostics
+from feddale.method.student import train_student
 
 log = logging.getLogger("quality_sweep")
 KINDS = ("mean", "worst_message", "worst_message_noend", "surprise", "surprise_noend", "mean_logp")

@@ -21,8 +21,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from feddale.http_common import auth_headers, poll_until
-from feddale.launcher import free_port, redis_server_binary
+from feddale.service.http_common import auth_headers, poll_until
+from feddale.ops.launcher import free_port, redis_server_binary
 
 ADMIN = "admin-token-for-tests"
 BOOTSTRAP = "bootstrap-secret-for-tests"
@@ -97,7 +97,7 @@ FAST = {
 
 def fast_config(tmp: Path, **extra: object) -> Path:
     """The fast test profile written as a config file (what FEDDALE_CONFIG points at)."""
-    from feddale.config import load_config
+    from feddale.method.config import load_config
 
     path = tmp / "fast-config.json"
     path.write_text(json.dumps(load_config("tiny", {**FAST, **extra}).model_dump(mode="json")))
@@ -175,8 +175,8 @@ def detector_app_with_tiny_student():
     The stub registers the detector and answers /healthz (so /readyz is 200) and nothing else:
     there is no newer student to follow.
     """
-    from feddale.serving import load_student
-    from feddale.student import StudentConfig, train_student
+    from feddale.service.serving import load_student
+    from feddale.method.student import StudentConfig, train_student
     from feddale_detector.app import create_app
     from feddale_detector.settings import Settings
 

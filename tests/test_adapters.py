@@ -1,4 +1,4 @@
-"""feddale.adapters: LoRA state extraction, strict loading, defensive safetensors decoding."""
+"""feddale.method.adapters: LoRA state extraction, strict loading, defensive safetensors decoding."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save
 
-from feddale import adapters, models
-from feddale.adapters import AdapterError
+from feddale.method import adapters, models
+from feddale.method.adapters import AdapterError
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,11 @@ from service_helpers import (  # noqa: F401 - fixtures
     serve_in_thread, wait_run,
 )
 
-from feddale import adapters, models
-from feddale.adapters import AdapterError
-from feddale.http_common import auth_headers
-from feddale.payload import VERSION, PayloadError, PayloadHeader, decode_scores, encode_scores
-from feddale.serving import MAX_BODY_BYTES
+from feddale.method import adapters, models
+from feddale.method.adapters import AdapterError
+from feddale.service.http_common import auth_headers
+from feddale.method.payload import VERSION, PayloadError, PayloadHeader, decode_scores, encode_scores
+from feddale.service.serving import MAX_BODY_BYTES
 
 from feddale_coordinator.artifacts import ArtifactStore
 
@@ -356,7 +356,7 @@ def test_job_tokens_are_per_run_and_die_when_the_job_is_reissued(coordinator: Te
 
 
 def wait_until_reissued(r, run_id: str, old_token: str) -> bool:
-    from feddale.http_common import poll_until
+    from feddale.service.http_common import poll_until
 
     def reissued() -> bool:
         try:
@@ -371,7 +371,7 @@ def test_auth_compares_in_constant_time(coordinator: TestClient, monkeypatch: py
     """Every secret check goes through hmac.compare_digest (timing cannot be asserted; the call can)."""
     import hmac
 
-    import feddale.http_common as http_common
+    import feddale.service.http_common as http_common
 
     calls: list[int] = []
     real = hmac.compare_digest

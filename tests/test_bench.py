@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from feddale.cli import main
-from feddale.config import load_config
-from feddale.bench import quality
-from feddale.simulate import _snapshot_traffic
+from feddale.ops.cli import main
+from feddale.method.config import load_config
+from feddale.harness.bench import quality
+from feddale.harness.simulate import _snapshot_traffic
 
 SMALL = [
     "--set", "data.n_clients=2", "--set", "data.public=[30,30]", "--set", "data.test=[20,20]",

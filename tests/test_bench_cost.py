@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from feddale import adapters, models
-from feddale.bench.cost import distinct_sessions, measure_cost, session_text
-from feddale.student import StudentConfig, train_student
-from feddale.teacher import ScoreConfig
+from feddale.method import adapters, models
+from feddale.harness.bench.cost import distinct_sessions, measure_cost, session_text
+from feddale.method.student import StudentConfig, train_student
+from feddale.method.teacher import ScoreConfig
 
 LINES = (
     "Receiving block blk_{b} src: /10.250.{x}.102:54106 dest: /10.250.{x}.102:50010",
@@ -158,7 +158,7 @@ def test_bad_input_is_refused_before_any_worker_starts(tmp_path, sessions, publi
 
 
 def test_report_shows_every_measured_row_and_the_cache_separately(table, tmp_path):
-    from feddale.bench.report import write_report
+    from feddale.harness.bench.report import write_report
 
     (tmp_path / "cost.json").write_text(json.dumps(table))
     text = write_report(tmp_path, {"config": "tiny"}).read_text()

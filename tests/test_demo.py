@@ -7,7 +7,7 @@ import json
 import pytest
 from service_helpers import fast_config
 
-from feddale.demo import demo
+from feddale.harness.demo import demo
 
 pytestmark = pytest.mark.e2e
 

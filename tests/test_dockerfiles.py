@@ -125,7 +125,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context(name: str) -> None
 def test_dockerignore_keeps_local_state_out() -> None:
     for path in (".venv", ".git", "runs", "tests", ".env", "shared/feddale/__pycache__"):
         assert _ignored(path), f"{path} would be sent to every image build"
-    for path in ("shared/feddale/cli.py", "configs/tiny.yaml", "constraints.txt", "docker/healthcheck.py"):
+    for path in ("shared/feddale/ops/cli.py", "configs/tiny.yaml", "constraints.txt", "docker/healthcheck.py"):
         assert not _ignored(path)
 
 
@@ -138,9 +138,9 @@ def test_entrypoint_is_the_service_package(name: str) -> None:
 
 
 def test_the_e2e_launcher_starts_the_same_commands_the_images_run() -> None:
-    """tests/test_e2e.py runs the services through feddale.launcher as plain processes; they
+    """tests/test_e2e.py runs the services through feddale.ops.launcher as plain processes; they
     must be the images' own entrypoints (`python -m <package>`), so what is tested is deployed."""
-    tree = ast.parse((ROOT / "shared" / "feddale" / "launcher.py").read_text())
+    tree = ast.parse((ROOT / "shared" / "feddale" / "ops" / "launcher.py").read_text())
     launched = {
         node.args[1].value for node in ast.walk(tree)
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_add"

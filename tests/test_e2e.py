@@ -9,8 +9,8 @@ import httpx
 import pytest
 from service_helpers import fast_config
 
-from feddale.http_common import poll_until
-from feddale.launcher import LocalFederation
+from feddale.service.http_common import poll_until
+from feddale.ops.launcher import LocalFederation
 
 pytestmark = pytest.mark.e2e
 

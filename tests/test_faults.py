@@ -42,9 +42,9 @@ from service_helpers import (  # noqa: F401 - fixtures
     BOOTSTRAP, admin_headers, coordinator_settings, fast_config, redis_client, redis_server, serve_in_thread,
 )
 
-from feddale import adapters
-from feddale.http_common import CoordinatorSession, auth_headers, poll_until
-from feddale.launcher import LocalFederation
+from feddale.method import adapters
+from feddale.service.http_common import CoordinatorSession, auth_headers, poll_until
+from feddale.ops.launcher import LocalFederation
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.runs import JOB_RETRIES

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from feddale.federation import (
+from feddale.method.federation import (
     FederationError,
     Selection,
     aggregate_scores,

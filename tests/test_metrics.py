@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from feddale.metrics import binary_report, purity
+from feddale.method.metrics import binary_report, purity
 
 
 def test_binary_report_counts_and_rates():

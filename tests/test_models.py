@@ -1,4 +1,4 @@
-"""feddale.models: references, tiny model loading, quantization rules, LoRA wrapping."""
+"""feddale.method.models: references, tiny model loading, quantization rules, LoRA wrapping."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-from feddale import models
-from feddale.models import ModelRef, ModelRefError, QuantizationError
+from feddale.method import models
+from feddale.method.models import ModelRef, ModelRefError, QuantizationError
 
 
 # --------------------------------------------------------------------------- ModelRef

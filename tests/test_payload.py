@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from feddale.payload import MAGIC, VERSION, PayloadError, PayloadHeader, decode_scores, encode_scores
+from feddale.method.payload import MAGIC, VERSION, PayloadError, PayloadHeader, decode_scores, encode_scores
 
 DIGEST = hashlib.sha256(b"public set").hexdigest()
 

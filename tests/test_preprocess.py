@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feddale.preprocess import SEPARATOR, as_view, compact_view, join_messages, mask, strip_header, window, window_spans
+from feddale.method.preprocess import SEPARATOR, as_view, compact_view, join_messages, mask, strip_header, window, window_spans
 
 RAW_TO_TEMPLATE = [
     (

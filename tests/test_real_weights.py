@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from feddale import adapters, models, teacher
-from feddale.preprocess import join_messages, mask
+from feddale.method import adapters, models, teacher
+from feddale.method.preprocess import join_messages, mask
 
 pytestmark = pytest.mark.real
 

@@ -16,12 +16,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from feddale.http_common import (
+from feddale.service.http_common import (
     Backoff, CoordinatorSession, Metrics, RetryableStatus, add_ops_routes, check, hash_token, read_body,
     token_matches, with_retries,
 )
-from feddale.serving import MicroBatcher, ModelSlot, StudentFollower, add_detect_routes, load_student
-from feddale.student import StudentConfig, train_student
+from feddale.service.serving import MicroBatcher, ModelSlot, StudentFollower, add_detect_routes, load_student
+from feddale.method.student import StudentConfig, train_student
 
 TEXTS = ["Receiving block blk_<*> src: /<*> dest: /<*>", "PacketResponder <*> for block blk_<*> terminating",
          "Got exception while serving blk_<*> to /<*>:", "writeBlock blk_<*> received exception java.io.IOException"]

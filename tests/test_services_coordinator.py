@@ -18,9 +18,9 @@ from service_helpers import (  # noqa: F401 - fixtures
     BOOTSTRAP, RecordingTransport, admin_headers, coordinator, redis_client, redis_server, register, wait_run,
 )
 
-from feddale import adapters, models
-from feddale.http_common import CoordinatorSession, auth_headers
-from feddale.payload import VERSION, PayloadHeader, encode_scores
+from feddale.method import adapters, models
+from feddale.service.http_common import CoordinatorSession, auth_headers
+from feddale.method.payload import VERSION, PayloadHeader, encode_scores
 
 from feddale_client_node.agent import ClientAgent
 from feddale_student_trainer.jobs import train_student_job

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from feddale.cli import main
-from feddale.config import load_config
-from feddale.simulate import otsu_threshold
+from feddale.ops.cli import main
+from feddale.method.config import load_config
+from feddale.harness.simulate import otsu_threshold
 
 import numpy as np
 

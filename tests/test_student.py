@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from feddale.detector import Detector
-from feddale.metrics import binary_report
-from feddale.preprocess import join_messages, mask
-from feddale.student import (
+from feddale.method.detector import Detector
+from feddale.method.metrics import binary_report
+from feddale.method.preprocess import join_messages, mask
+from feddale.method.student import (
     StudentArtifact,
     StudentConfig,
     StudentError,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from feddale.detector import Detector
-from feddale.student import StudentArtifact, StudentConfig, train_student
+from feddale.method.detector import Detector
+from feddale.method.student import StudentArtifact, StudentConfig, train_student
 
 pytestmark = pytest.mark.real
 

@@ -1,4 +1,4 @@
-"""feddale.teacher: LoRA next-token training and top-k session scoring on a tiny Llama."""
+"""feddale.method.teacher: LoRA next-token training and top-k session scoring on a tiny Llama."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from feddale import adapters, models, teacher
-from feddale.preprocess import compact_view
-from feddale.teacher import ScoreConfig, TeacherTrainConfig
+from feddale.method import adapters, models, teacher
+from feddale.method.preprocess import compact_view
+from feddale.method.teacher import ScoreConfig, TeacherTrainConfig
 
 SEP = " ;-; "
 NORMAL = [

@@ -3,7 +3,7 @@
 Private logs stay here. What leaves the node is, per round, either a LoRA adapter (FedAvg
 rounds) or one byte per public session (the distillation round), plus its registration and
 polling; the public set and students only come in. Every call to the coordinator goes through
-:class:`~feddale.http_common.CoordinatorSession`, which waits out an absent coordinator with
+:class:`~feddale.service.http_common.CoordinatorSession`, which waits out an absent coordinator with
 backoff, so the node survives coordinator restarts without losing its place: uploads are
 idempotent, and a round the node already uploaded to is never offered again.
 """
@@ -19,16 +19,16 @@ from typing import Any
 
 import httpx
 
-from feddale import adapters, models
-from feddale.config import DataConfig, RunConfig
+from feddale.method import adapters, models
+from feddale.method.config import DataConfig, RunConfig
 from feddale.data.sources import load_dataset
 from feddale.data.types import Session
-from feddale.deployment import federation_split, public_digest
-from feddale.http_common import Backoff, CoordinatorSession, Metrics
-from feddale.payload import VERSION as PAYLOAD_VERSION
-from feddale.payload import PayloadHeader, encode_scores
-from feddale.serving import LoadedModel
-from feddale.teacher import score_texts, train_teacher
+from feddale.data.deployment import federation_split, public_digest
+from feddale.service.http_common import Backoff, CoordinatorSession, Metrics
+from feddale.method.payload import VERSION as PAYLOAD_VERSION
+from feddale.method.payload import PayloadHeader, encode_scores
+from feddale.service.serving import LoadedModel
+from feddale.method.teacher import score_texts, train_teacher
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`python -m feddale_coordinator`: serve the coordinator on FEDDALE_HOST:FEDDALE_PORT (8000)."""
 
-from feddale.http_common import serve, setup_logging
+from feddale.service.http_common import serve, setup_logging
 
 from feddale_coordinator.app import create_app
 from feddale_coordinator.settings import Settings

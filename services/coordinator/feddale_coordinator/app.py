@@ -28,9 +28,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from feddale.config import load_config
-from feddale.deployment import federation_split
-from feddale.http_common import (
+from feddale.method.config import load_config
+from feddale.data.deployment import federation_split
+from feddale.service.http_common import (
     STUDENT_QUEUE, Metrics, add_ops_routes, bearer_token, limit_bodies, read_body, secret_matches,
 )
 

@@ -31,14 +31,14 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from feddale import adapters, federation, models
-from feddale.adapters import AdapterError
-from feddale.config import RunConfig
+from feddale.method import adapters, federation, models
+from feddale.method.adapters import AdapterError
+from feddale.method.config import RunConfig
 from feddale.data.types import Session
-from feddale.deployment import public_digest
-from feddale.http_common import STUDENT_JOB, Metrics, hash_token, new_token, token_matches
-from feddale.payload import PayloadError, decode_scores
-from feddale.student import StudentArtifact
+from feddale.data.deployment import public_digest
+from feddale.service.http_common import STUDENT_JOB, Metrics, hash_token, new_token, token_matches
+from feddale.method.payload import PayloadError, decode_scores
+from feddale.method.student import StudentArtifact
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.schemas import PublicRef, RunRequest, StudentInfo, Task, merge_config

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel
 
-from feddale.http_common import hash_token, new_token, token_matches
+from feddale.service.http_common import hash_token, new_token, token_matches
 
 log = logging.getLogger(__name__)
 

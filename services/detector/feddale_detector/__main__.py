@@ -1,6 +1,6 @@
 """`python -m feddale_detector`: serve /v1/detect on FEDDALE_HOST:FEDDALE_PORT (8001)."""
 
-from feddale.http_common import serve, setup_logging
+from feddale.service.http_common import serve, setup_logging
 
 from feddale_detector.app import create_app
 from feddale_detector.settings import Settings

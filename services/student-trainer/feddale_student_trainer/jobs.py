@@ -17,15 +17,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from feddale.config import RunConfig
+from feddale.method.config import RunConfig
 from feddale.data.types import Session
-from feddale.deployment import public_digest
-from feddale.federation import aggregate_scores, select_pseudo_labels
-from feddale.http_common import (
+from feddale.data.deployment import public_digest
+from feddale.method.federation import aggregate_scores, select_pseudo_labels
+from feddale.service.http_common import (
     DEFAULT_COORDINATOR_URL, Backoff, auth_headers, check, env, http_client, with_retries,
 )
-from feddale.payload import decode_scores
-from feddale.student import train_student
+from feddale.method.payload import decode_scores
+from feddale.method.student import train_student
 
 log = logging.getLogger(__name__)
 

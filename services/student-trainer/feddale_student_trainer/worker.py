@@ -30,7 +30,7 @@ import uvicorn
 from fastapi import FastAPI
 from rq.job import Job
 
-from feddale.http_common import (
+from feddale.service.http_common import (
     DEFAULT_REDIS_URL, STUDENT_QUEUE, Metrics, add_ops_routes, env, env_int, setup_logging,
 )
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from feddale.data.types import Dataset, Session
-from feddale.preprocess import mask, strip_header
+from feddale.method.preprocess import mask, strip_header
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from feddale.preprocess import join_messages
+from feddale.method.preprocess import join_messages
 
 LABELS = (0, 1)  # 0 normal, 1 anomalous
 

@@ -35,7 +35,7 @@ def _lora_parameters(peft_model) -> Iterator[tuple[str, torch.nn.Parameter]]:
     from peft.tuners.lora import LoraLayer
 
     if not hasattr(peft_model, "get_base_model"):
-        raise AdapterError("model has no LoRA layers; wrap it with feddale.models.add_lora first")
+        raise AdapterError("model has no LoRA layers; wrap it with feddale.method.models.add_lora first")
     adapter = peft_model.active_adapter
     for name, module in peft_model.get_base_model().named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
@@ -52,7 +52,7 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """
     state = {key: p.detach().to("cpu", torch.float32, copy=True) for key, p in _lora_parameters(peft_model)}
     if not state:
-        raise AdapterError("model has no LoRA layers; wrap it with feddale.models.add_lora first")
+        raise AdapterError("model has no LoRA layers; wrap it with feddale.method.models.add_lora first")
     return state
 
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from feddale.student import StudentConfig
-from feddale.teacher import ScoreConfig, TeacherTrainConfig
+from feddale.method.student import StudentConfig
+from feddale.method.teacher import ScoreConfig, TeacherTrainConfig
 
 PROFILES = ("tiny", "cpu", "bench", "paper")
 

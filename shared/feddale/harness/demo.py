@@ -1,6 +1,6 @@
 """`make demo` / `feddale demo`: a real local federation, one one-shot run, an honest scorecard.
 
-Starts every service as its own process (:class:`~feddale.launcher.LocalFederation`), starts a
+Starts every service as its own process (:class:`~feddale.ops.launcher.LocalFederation`), starts a
 one-shot run over REST, shows its progress, then evaluates the published student *through the
 detector's* `POST /v1/detect` on the held-out test split. This harness is the only place labels
 are read, and only to score the answers; nothing here feeds back into the run.
@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from feddale import metrics
-from feddale.config import load_config
-from feddale.deployment import federation_split, resolve_source
-from feddale.http_common import chunked, poll_until
-from feddale.launcher import LocalFederation
+from feddale.method import metrics
+from feddale.method.config import load_config
+from feddale.data.deployment import federation_split, resolve_source
+from feddale.service.http_common import chunked, poll_until
+from feddale.ops.launcher import LocalFederation
 
 DETECT_BATCH = 32
 
@@ -74,7 +74,7 @@ def _evaluate(detector_url: str, test: list[Any]) -> dict[str, Any]:
 
 def _adapter_bytes(cfg: Any) -> int:
     """Size of one teacher LoRA adapter on the wire: what each client would send per FedAvg round."""
-    from feddale import adapters, models
+    from feddale.method import adapters, models
 
     base, _ = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=cfg.seeds[0])
     peft = models.add_lora(base, rank=cfg.teacher_lora_rank, task="causal", seed=cfg.seeds[0])

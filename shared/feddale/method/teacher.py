@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from feddale.models import Autocast, autocast
-from feddale.preprocess import SEPARATOR, View, as_view, window, window_spans
+from feddale.method.models import Autocast, autocast
+from feddale.method.preprocess import SEPARATOR, View, as_view, window, window_spans
 
 
 # Largest logits block (elements) materialised at once while scoring: 32M fp32 = 128 MB.
@@ -154,7 +154,7 @@ def _pad(rows: Sequence[np.ndarray], pad_id: int, device: torch.device) -> tuple
 
 def _pad_id(tokenizer) -> int:
     if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; load it with feddale.models.load_causal_lm")
+        raise ValueError("tokenizer has no pad token; load it with feddale.method.models.load_causal_lm")
     return int(tokenizer.pad_token_id)
 
 
@@ -222,7 +222,7 @@ def train_teacher(model, tokenizer, texts: Sequence[str], cfg: TeacherTrainConfi
         raise ValueError("texts contain no tokens to learn from")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("model has no trainable parameters; wrap it with feddale.models.add_lora first")
+        raise ValueError("model has no trainable parameters; wrap it with feddale.method.models.add_lora first")
 
     device = _device(model)
     pad_id = _pad_id(tokenizer)

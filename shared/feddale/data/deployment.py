@@ -9,7 +9,7 @@ client at registration; a node with its own log directory ignores the split enti
 
 from __future__ import annotations
 
-from feddale.config import DataConfig
+from feddale.method.config import DataConfig
 from feddale.data.sources import default_source, load_dataset
 from feddale.data.splits import make_split
 from feddale.data.types import FederationSplit, Session, texts_digest

@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from feddale.config import load_config, parse_override
-    from feddale.simulate import simulate
+    from feddale.method.config import load_config, parse_override
+    from feddale.harness.simulate import simulate
 
     overrides = dict(parse_override(item) for item in args.set)
     if args.data:
@@ -35,7 +35,7 @@ def _data_fetch(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from feddale.launcher import up
+    from feddale.ops.launcher import up
 
     return up(
         clients=_clients(args),
@@ -48,14 +48,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from feddale.demo import demo
+    from feddale.harness.demo import demo
 
     return demo(clients=_clients(args), config=args.config, data=args.data)
 
 
 def _clients(args: argparse.Namespace) -> int:
     """``--clients`` or, when not given, the profile's own number of clients."""
-    from feddale.config import load_config
+    from feddale.method.config import load_config
 
     return args.clients if args.clients is not None else load_config(args.config).data.n_clients
 
@@ -65,8 +65,8 @@ def _ints(text: str | None) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from feddale.bench.run import bench
-    from feddale.config import load_config, parse_override
+    from feddale.harness.bench.run import bench
+    from feddale.method.config import load_config, parse_override
 
     overrides = dict(parse_override(item) for item in args.set)
     if args.data:

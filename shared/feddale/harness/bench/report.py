@@ -153,7 +153,7 @@ def ablation_section(data: dict[str, Any], figures: dict[str, str]) -> list[str]
 
 def write_report(out_dir: Path, header: dict[str, Any]) -> Path:
     """Figures and ``report.md`` from whichever of quality.json and cost.json exist in ``out_dir``."""
-    from feddale.bench import plots
+    from feddale.harness.bench import plots
 
     lines = ["# FedDALE benchmark report", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]

@@ -1,7 +1,7 @@
 """Serving the student: raw log sessions in, P(anomalous) out.
 
 A detector sees raw production lines, so it masks them itself with the same
-:func:`feddale.preprocess.mask` the clients used (masking is idempotent: already masked input
+:func:`feddale.method.preprocess.mask` the clients used (masking is idempotent: already masked input
 is unchanged). Sessions longer than the student's ``max_len`` are cut into overlapping windows
 and scored as the max P(anomalous) over their windows: an error event late in a long session
 still raises the alarm. HDFS traffic is highly repetitive, so results are kept in an LRU cache
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from feddale.preprocess import join_messages, mask, window
-from feddale.student import StudentArtifact, TextEncoder, build_model
+from feddale.method.preprocess import join_messages, mask, window
+from feddale.method.student import StudentArtifact, TextEncoder, build_model
 
 
 class Detector:

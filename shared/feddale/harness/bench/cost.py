@@ -1,14 +1,14 @@
 """Detection cost (benchmark table 3, the paper's Table 2): the student detector against teacher scoring.
 
 A detector's cost is per-session latency, sessions per second and resident memory. The student
-(:class:`feddale.detector.Detector` on a :class:`~feddale.student.StudentArtifact`) is compared
+(:class:`feddale.method.detector.Detector` on a :class:`~feddale.method.student.StudentArtifact`) is compared
 with what it replaces: scoring every session with the causal-LM teacher
-(:func:`feddale.teacher.score_texts`) and flagging sessions whose top-k accuracy falls below an
+(:func:`feddale.method.teacher.score_texts`) and flagging sessions whose top-k accuracy falls below an
 Otsu cut of the teacher's scores on an unlabeled public sample
-(:func:`feddale.simulate.otsu_threshold`). Both detectors are timed end to end on raw log
+(:func:`feddale.harness.simulate.otsu_threshold`). Both detectors are timed end to end on raw log
 lines: masking, joining and tokenizing are part of what a request costs.
 
-Every row runs in its own fresh interpreter (``python -m feddale.bench.cost --worker JOB``), so
+Every row runs in its own fresh interpreter (``python -m feddale.harness.bench.cost --worker JOB``), so
 its peak memory is that of a process holding one detector and nothing else. Peak memory is
 ``VmHWM`` from ``/proc/self/status``, the high-water mark of the worker's own address space.
 ``getrusage(RUSAGE_SELF).ru_maxrss`` is recorded beside it, but Linux carries ``ru_maxrss``
@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from feddale.preprocess import join_messages, mask
+from feddale.method.preprocess import join_messages, mask
 
 if TYPE_CHECKING:
     from feddale.data.types import Dataset
-    from feddale.teacher import ScoreConfig
+    from feddale.method.teacher import ScoreConfig
 
 Sessions = list[list[str]]
 Detect = Callable[[Sessions], object]
@@ -154,10 +154,10 @@ def measure_cost(
     The cached-stream row replays ``stream_length`` sessions drawn with repetition from
     ``sessions``. ``repeats`` timed passes are pooled for latencies; the batched rate (requests
     of ``batch_size`` sessions) is the median pass. ``teacher_adapter`` is a safetensors file
-    from :func:`feddale.adapters.adapter_to_bytes`; ``None`` times a fresh, untrained LoRA,
+    from :func:`feddale.method.adapters.adapter_to_bytes`; ``None`` times a fresh, untrained LoRA,
     which costs the same (an adapter changes weights, not shapes).
     """
-    from feddale.student import StudentArtifact
+    from feddale.method.student import StudentArtifact
 
     pool = check_sessions(sessions, "sessions")
     public = check_sessions(public_sample, "public_sample")
@@ -288,7 +288,7 @@ def run_worker(job: dict[str, Any], workdir: Path, progress: bool) -> dict[str, 
         print(f"[cost] {role}: measuring in a fresh process ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "feddale.bench.cost", "--worker", str(job_file)],
+        [sys.executable, "-m", "feddale.harness.bench.cost", "--worker", str(job_file)],
         stdout=subprocess.DEVNULL,
         stderr=None if progress else subprocess.PIPE,
         text=True,
@@ -394,8 +394,8 @@ def batched_rate(detect: Detect, sessions: Sessions, batch_size: int, repeats: i
 
 def _student_detector(job: dict[str, Any], **options: Any):
     """Load the artifact and build its detector; returns (detector, load seconds, RSS once loaded)."""
-    from feddale.detector import Detector
-    from feddale.student import StudentArtifact
+    from feddale.method.detector import Detector
+    from feddale.method.student import StudentArtifact
 
     started = time.perf_counter()
     detector = Detector(StudentArtifact.load(job["student_dir"]), **options)  # its own window batch, as served
@@ -477,7 +477,7 @@ def cached_stream_row(job: dict[str, Any]) -> dict[str, Any]:
 
 def load_teacher(model_ref: str, adapter_file: str | None, quantization: str) -> tuple[Any, Any, dict[str, Any]]:
     """The teacher as a client holds it, base LM plus LoRA; returns (model, tokenizer, adapter description)."""
-    from feddale import adapters, models
+    from feddale.method import adapters, models
 
     base, tokenizer = models.load_causal_lm(model_ref, quantization)
     if adapter_file is None:
@@ -502,8 +502,8 @@ def teacher_row(job: dict[str, Any]) -> dict[str, Any]:
     The teacher keeps no cache across calls and the texts are distinct, so every session
     requested is scored (``cache_hits`` is 0 by construction, ``cache_misses`` counts them).
     """
-    from feddale import models, teacher
-    from feddale.simulate import otsu_threshold
+    from feddale.method import models, teacher
+    from feddale.harness.simulate import otsu_threshold
 
     cfg = teacher.ScoreConfig.model_validate(job["score_cfg"])
     started = time.perf_counter()
@@ -567,8 +567,8 @@ ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m feddale.bench.cost``: measure the table on a data set and write it as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m feddale.bench.cost", description=__doc__.split("\n\n")[0])
+    """``python -m feddale.harness.bench.cost``: measure the table on a data set and write it as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m feddale.harness.bench.cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--student", type=Path, help="student artifact directory")
     parser.add_argument("--teacher-model", help="teacher model reference (default: the config's)")
@@ -593,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         parser.error(f"missing {', '.join(missing)}")
 
-    from feddale.config import load_config
+    from feddale.method.config import load_config
     from feddale.data.sources import load_dataset
 
     cfg = load_config(args.config)

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from feddale import adapters, federation, metrics, models, payload, teacher
-from feddale.config import RunConfig
-from feddale.deployment import federation_split, resolve_source
+from feddale.method import adapters, federation, metrics, models, payload, teacher
+from feddale.method.config import RunConfig
+from feddale.data.deployment import federation_split, resolve_source
 from feddale.data.types import FederationSplit, texts_digest
-from feddale.detector import Detector
-from feddale.student import train_student
+from feddale.method.detector import Detector
+from feddale.method.student import train_student
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ student learns to separate those two groups and is then what the detectors serve
 Long sessions: training uses each text's head window (the first ``max_len`` tokens, specials
 included) because pseudo-labels describe the whole session and the head is where HDFS
 sessions differ first; the detector scores every window and takes the max P(anomalous), so a
-late error event is not cut off (see :mod:`feddale.detector`).
+late error event is not cut off (see :mod:`feddale.method.detector`).
 
 The artifact is the LoRA matrices plus the classifier head (fp16 safetensors) and a JSON
 description. Its ``digest`` covers the weights and everything needed to rebuild the model
@@ -31,8 +31,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
-from feddale import adapters, models
-from feddale.preprocess import View, as_view
+from feddale.method import adapters, models
+from feddale.method.preprocess import View, as_view
 
 WEIGHTS_FILE = "student.safetensors"
 META_FILE = "student.json"
@@ -202,7 +202,7 @@ class StudentArtifact:
         return cls(weights=blob[start + size :], meta=_parse_meta(blob[start : start + size]))
 
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(LoRA state in :mod:`feddale.adapters` naming, head state), both fp32."""
+        """(LoRA state in :mod:`feddale.method.adapters` naming, head state), both fp32."""
         from safetensors.torch import load
 
         try:

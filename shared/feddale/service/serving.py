@@ -22,9 +22,9 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from feddale.detector import Detector
-from feddale.http_common import CoordinatorSession, Metrics, limit_bodies
-from feddale.student import StudentArtifact
+from feddale.method.detector import Detector
+from feddale.service.http_common import CoordinatorSession, Metrics, limit_bodies
+from feddale.method.student import StudentArtifact
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from feddale.config import RunConfig
-from feddale.bench.run import machine
-from feddale.simulate import Variant, git_commit, run_federation
+from feddale.method.config import RunConfig
+from feddale.harness.bench.run import machine
+from feddale.harness.simulate import Variant, git_commit, run_federation
 
 log = logging.getLogger(__name__)
 

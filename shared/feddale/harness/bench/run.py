@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from feddale.config import RunConfig
+from feddale.method.config import RunConfig
 from feddale.data.sources import load_dataset
-from feddale.deployment import resolve_source
+from feddale.data.deployment import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def bench(
     progress: bool = True,
 ) -> Path:
     """Run the asked-for tables into ``out_dir``, sized by ``cfg.bench``; returns the report's path."""
-    from feddale.bench import cost, quality, report
-    from feddale.simulate import git_commit
+    from feddale.harness.bench import cost, quality, report
+    from feddale.harness.simulate import git_commit
 
     unknown = set(tables) - set(TABLES)
     if unknown:

@@ -1,0 +1,1 @@
+"""The evaluation harness: in-process federation (simulate), benchmark suite and demo."""

@@ -1,0 +1,1 @@
+"""The method: preprocessing, teacher, student, federation, wire codecs, models, detector, metrics, config."""

@@ -1,0 +1,1 @@
+"""Operating FedDALE: the command line and the local process launcher."""

@@ -1,0 +1,1 @@
+"""Service plumbing shared by the four services: settings, auth, limits, metrics, HTTP, serving."""
