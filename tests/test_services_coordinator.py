@@ -21,6 +21,9 @@ from service_helpers import (  # noqa: F401 - fixtures
 from feddale.method import adapters, models
 from feddale.service.http_common import CoordinatorSession, auth_headers
 from feddale.method.payload import VERSION, PayloadHeader, encode_scores
+from feddale.method.config import RunConfig
+from feddale.protocol.messages import Task, TaskResponse
+from feddale.protocol.rounds import load_teacher
 
 from feddale_client_node.agent import ClientAgent
 from feddale_student_trainer.jobs import train_student_job
@@ -34,8 +37,8 @@ def make_agent(coordinator: TestClient, name: str, tmp: Path) -> tuple[ClientAge
     return agent, transport
 
 
-def do_task(agent: ClientAgent) -> dict | None:
-    task = agent.session.request("GET", "/v1/tasks").json()["task"]
+def do_task(agent: ClientAgent) -> Task | None:
+    task = TaskResponse.model_validate(agent.session.request("GET", "/v1/tasks").json()).task
     if task is not None:
         agent.do_task(task)
     return task
@@ -127,7 +130,7 @@ def test_one_shot_run_publishes_and_raw_logs_never_leave_clients(
 ) -> None:
     (a, rec_a), (b, rec_b) = make_agent(coordinator, "node-a", tmp_path), make_agent(coordinator, "node-b", tmp_path)
     run_id = start_run(coordinator, mode="one_shot", min_clients=2)
-    assert do_task(a)["kind"] == "distill"
+    assert do_task(a).kind == "distill"
     assert do_task(a) is None  # uploaded: nothing more to do this round
     # a duplicate upload is idempotent: last one wins, counted once
     header = PayloadHeader(VERSION, coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()
@@ -201,8 +204,12 @@ def test_few_shot_run_validates_adapters_then_publishes(coordinator: TestClient,
     headers = auth_headers(a.session.registration["token"])
     url = f"/v1/runs/{run_id}/rounds/1/adapter?samples=10"
 
-    init = coordinator.get(f"/v1/runs/{run_id}/rounds/0/global", headers=headers).content
-    state, meta = adapters.adapter_from_bytes(init)
+    # Round 1 has no global adapter to download: every client starts from the run's seeded one.
+    assert coordinator.get(f"/v1/runs/{run_id}/rounds/0/global", headers=headers).status_code == 404
+    teacher = load_teacher(RunConfig.model_validate(view["config"]))
+    state = teacher.initial
+    meta = models.lora_meta(teacher.model)
+    init = adapters.adapter_to_bytes(state, meta)
     key = sorted(state)[0]
     nan_state = {k: v.clone() for k, v in state.items()}
     nan_state[key][0, 0] = math.nan
@@ -226,14 +233,14 @@ def test_few_shot_run_validates_adapters_then_publishes(coordinator: TestClient,
     assert coordinator.put(f"/v1/runs/{run_id}/rounds/1/adapter", content=init, headers=headers).status_code == 422
     assert coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()["uploaded"] == []
 
-    assert do_task(a)["kind"] == "fedavg"
+    assert do_task(a).kind == "fedavg"
     view = wait_run(coordinator, run_id, ("distill",))
     assert view["round"] == 2 and view["history"][0]["kind"] == "fedavg"
     global_1 = coordinator.get(f"/v1/runs/{run_id}/rounds/1/global", headers=headers).content
     averaged, _ = adapters.adapter_from_bytes(global_1, {k: tuple(v.shape) for k, v in state.items()})
     assert any(not torch.equal(averaged[k], state[k]) for k in state), "FedAvg left the initial adapter unchanged"
     task = do_task(a)
-    assert task["kind"] == "distill" and task["global_adapter"].endswith("/rounds/1/global")
+    assert task.kind == "distill" and task.global_adapter.endswith("/rounds/1/global")
     wait_run(coordinator, run_id, ("student_training",))
     run_student_job(coordinator, redis_client, run_id)
     view = wait_run(coordinator, run_id, ("published",))

@@ -10,7 +10,6 @@ idempotent, and a round the node already uploaded to is never offered again.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,16 +18,15 @@ from typing import Any
 
 import httpx
 
-from feddale.method import adapters, models
-from feddale.method.config import DataConfig, RunConfig
 from feddale.data.sources import load_dataset
 from feddale.data.types import Session
+from feddale.method.config import DataConfig, RunConfig
+from feddale.protocol.messages import PublicRef, PublicSetBody, Registration, Task, TaskResponse
 from feddale.data.deployment import federation_split, public_digest
+from feddale.protocol.rounds import Teacher, client_round, load_teacher
+from feddale.files import atomic_write
 from feddale.service.http_common import Backoff, CoordinatorSession, Metrics
-from feddale.method.payload import VERSION as PAYLOAD_VERSION
-from feddale.method.payload import PayloadHeader, encode_scores
 from feddale.service.serving import LoadedModel
-from feddale.method.teacher import score_texts, train_teacher
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +48,29 @@ class ClientAgent:
         self.sessions: tuple[Session, ...] = ()
         self.status: dict[str, Any] = {"state": "starting"}
         self.report: dict[str, Any] | None = None
-        self._teacher: tuple[str, Any, Any] | None = None  # (run_id, peft model, tokenizer)
+        self._teacher: tuple[str, Teacher] | None = None  # (run_id, its teacher)
 
     # ----------------------------------------------------------------- setup
 
     def start(self) -> None:
         """Register and load this node's private sessions (its shard, or its own logs)."""
-        registration = self.session.register()
+        registration = Registration.model_validate(self.session.register())
         self.sessions = self._private_sessions(registration)
-        self.status = {"state": "idle", "client_id": registration["client_id"], "shard": registration["shard"],
+        self.status = {"state": "idle", "client_id": registration.client_id, "shard": registration.shard,
                        "sessions": len(self.sessions)}
-        log.info("client %s ready with %d private sessions", registration["client_id"], len(self.sessions))
+        log.info("client %s ready with %d private sessions", registration.client_id, len(self.sessions))
 
-    def _private_sessions(self, registration: dict[str, Any]) -> tuple[Session, ...]:
+    def _private_sessions(self, registration: Registration) -> tuple[Session, ...]:
         if self.log_dir:
             sessions = load_dataset(self.log_dir).sessions  # any labels in the files are ignored
             if not sessions:
                 raise ValueError(f"FEDDALE_LOG_DIR {self.log_dir!r} holds no sessions")
             return sessions
-        if registration["shard"] is None:
+        if registration.shard is None:
             raise ValueError("the coordinator assigned no shard and FEDDALE_LOG_DIR is not set")
-        data = DataConfig.model_validate(registration["data"])
-        split = federation_split(data, registration["seed"], self.data)
-        return split.clients[registration["shard"]]
+        data = DataConfig.model_validate(registration.data)
+        split = federation_split(data, registration.seed, self.data)
+        return split.clients[registration.shard]
 
     # ----------------------------------------------------------------- loop
 
@@ -81,11 +79,11 @@ class ClientAgent:
         backoff = Backoff(base=1.0, cap=30.0)
         while not stop.is_set():
             try:
-                answer = self.session.request("GET", "/v1/tasks").json()
-                if answer["task"] is not None:
-                    self.do_task(answer["task"])
+                answer = TaskResponse.model_validate(self.session.request("GET", "/v1/tasks").json())
+                if answer.task is not None:
+                    self.do_task(answer.task)
                 backoff.reset()
-                wait = float(answer["poll_after_s"])
+                wait = answer.poll_after_s
             except httpx.HTTPStatusError as exc:
                 wait = backoff.next_delay()
                 log.warning("coordinator refused a request (%s); retrying in %.1f s", exc, wait)
@@ -95,48 +93,36 @@ class ClientAgent:
                 self.status = {**self.status, "state": "error"}
             stop.wait(wait)
 
-    def do_task(self, task: dict[str, Any]) -> None:
-        """Train locally for one round, then upload the adapter or the accuracy payload."""
-        run_id, round_no, kind = task["run_id"], int(task["round"]), task["kind"]
-        cfg = RunConfig.model_validate(task["config"])
-        self.status = {**self.status, "state": f"training ({kind} round {round_no} of {run_id})"}
-        model, tokenizer = self._teacher_for(run_id, cfg)
-        if task["global_adapter"]:
-            blob = self.session.request("GET", task["global_adapter"]).content
-            state, _ = adapters.adapter_from_bytes(blob, adapters.adapter_shapes(model))
-            adapters.load_adapter_state(model, state)
-        seed = cfg.seeds[0]
-        shard = self.status.get("shard") or 0
-        local = cfg.teacher.model_copy(update={"seed": seed * 10_000 + round_no * 100 + shard})
-        log.info("round %d of %s (%s): training the teacher on %d private sessions, %d steps",
-                 round_no, run_id, kind, len(self.sessions), local.steps)
+    def do_task(self, task: Task) -> None:
+        """One round of :func:`feddale.protocol.rounds.client_round`, then its upload."""
+        cfg = RunConfig.model_validate(task.config)
+        self.status = {**self.status, "state": f"training ({task.kind} round {task.round} of {task.run_id})"}
+        model = self._teacher_for(task.run_id, cfg)
+        global_adapter = self.session.request("GET", task.global_adapter).content if task.global_adapter else None
+        public = self._public_set(task.public) if task.public is not None else None
+        log.info("round %d of %s (%s): training the teacher on %d private sessions, %d steps%s",
+                 task.round, task.run_id, task.kind, len(self.sessions), cfg.teacher.steps,
+                 f", then scoring {len(public)} public sessions" if public else "")
         started = time.monotonic()
-        stats = train_teacher(model, tokenizer, [s.text for s in self.sessions], local, progress=False)
-        log.info("trained in %.0f s (loss %.3f -> %.3f)", time.monotonic() - started,
+        upload = client_round(
+            task, model, self.sessions, shard=self.status.get("shard") or 0,
+            client_id=self.session.registration["client_id"],  # type: ignore[index]
+            global_adapter=global_adapter, public=public,
+        )
+        stats = upload.train_stats
+        log.info("round done in %.0f s (loss %.3f -> %.3f)", time.monotonic() - started,
                  stats.get("loss_first", float("nan")), stats.get("loss_last", float("nan")))
-        self.metrics.inc("teacher_rounds_total", kind=kind)
-        if kind == "fedavg":
-            body = adapters.adapter_to_bytes(adapters.adapter_state(model), models.lora_meta(model))
-            path = f"/v1/runs/{run_id}/rounds/{round_no}/adapter"
-            params = {"samples": len(self.sessions)}
+        self.metrics.inc("teacher_rounds_total", kind=task.kind)
+        base = f"/v1/runs/{task.run_id}/rounds/{task.round}"
+        if upload.adapter is not None:
+            body, path, params = upload.adapter, f"{base}/adapter", {"samples": upload.samples}
         else:
-            public = self._public_set(task["public"])
-            self.status = {**self.status, "state": f"scoring {len(public)} public sessions ({run_id})"}
-            log.info("scoring %d public sessions", len(public))
-            started = time.monotonic()
-            scores = score_texts(model, tokenizer, [s.text for s in public], cfg.score, progress=False)
-            log.info("scored in %.0f s", time.monotonic() - started)
-            header = PayloadHeader(
-                version=PAYLOAD_VERSION, public_digest=task["public"]["digest"], run_id=run_id, round=round_no,
-                client_id=self.session.registration["client_id"],  # type: ignore[index]
-                count=len(public),
-            )
-            body, path, params = encode_scores(scores, header), f"/v1/runs/{run_id}/rounds/{round_no}/scores", {}
+            body, path, params = upload.scores[cfg.score.top_k], f"{base}/scores", {}
             self._teacher = None  # the run is over for this node: free the teacher's memory
         self._upload(path, body, params)
-        self.metrics.inc("bytes_uploaded_total", len(body), kind=kind)
+        self.metrics.inc("bytes_uploaded_total", len(body), kind=task.kind)
         self.status = {**self.status, "state": "idle", "last_upload": {
-            "run_id": run_id, "round": round_no, "kind": kind, "bytes": len(body),
+            "run_id": task.run_id, "round": task.round, "kind": task.kind, "bytes": len(body),
             "train_loss_last": stats.get("loss_last"), "at": time.time(),
         }}
 
@@ -150,32 +136,28 @@ class ClientAgent:
                 return
             raise
 
-    def _teacher_for(self, run_id: str, cfg: RunConfig) -> tuple[Any, Any]:
-        """The run's teacher, loaded once per run; every run starts from the seeded base."""
+    def _teacher_for(self, run_id: str, cfg: RunConfig) -> Teacher:
+        """The run's teacher, loaded once per run at the run's seeded start."""
         if self._teacher is None or self._teacher[0] != run_id:
             self._teacher = None
-            base, tokenizer = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=cfg.seeds[0])
-            model = models.add_lora(base, rank=cfg.teacher_lora_rank, task="causal", seed=cfg.seeds[0])
-            self._teacher = (run_id, model, tokenizer)
-        return self._teacher[1], self._teacher[2]
+            self._teacher = (run_id, load_teacher(cfg))
+        return self._teacher[1]
 
-    def _public_set(self, ref: dict[str, Any]) -> tuple[Session, ...]:
-        """The public set named by ``ref['digest']``: from the local cache, else downloaded and verified."""
-        digest = ref["digest"]
-        cached = self.state_dir / f"public-{digest}.json" if self.state_dir else None
+    def _public_set(self, ref: PublicRef) -> tuple[Session, ...]:
+        """The public set named by ``ref.digest``: from the local cache, else downloaded and verified."""
+        cached = self.state_dir / f"public-{ref.digest}.json" if self.state_dir else None
         if cached is not None and cached.is_file():
             raw = cached.read_bytes()
         else:
-            raw = self.session.request("GET", ref["path"]).content
-        sessions = tuple(Session(id=s["id"], messages=tuple(s["messages"])) for s in json.loads(raw)["sessions"])
-        if public_digest(sessions) != digest or len(sessions) != ref["count"]:
+            raw = self.session.request("GET", ref.path).content
+        body = PublicSetBody.model_validate_json(raw)
+        sessions = tuple(Session(id=s.id, messages=tuple(s.messages)) for s in body.sessions)
+        if public_digest(sessions) != ref.digest or len(sessions) != ref.count:
             if cached is not None:
                 cached.unlink(missing_ok=True)
-            raise ValueError(f"public set does not match digest {digest} / count {ref['count']}")
+            raise ValueError(f"public set does not match digest {ref.digest} / count {ref.count}")
         if cached is not None and not cached.is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.with_suffix(".part").write_bytes(raw)
-            cached.with_suffix(".part").replace(cached)
+            atomic_write(cached, raw)
         return sessions
 
     # ----------------------------------------------------------------- local detection

@@ -30,16 +30,16 @@ from pydantic import ValidationError
 
 from feddale.method.config import load_config
 from feddale.data.deployment import federation_split
+from feddale.protocol.messages import (
+    SAFE_ID, ClientView, PseudoLabelSummary, RegisterRequest, Registration, RunCreated, RunRequest, RunView,
+    StudentInfo, StudentInputs, TaskResponse, UploadAccepted,
+)
 from feddale.service.http_common import (
     STUDENT_QUEUE, Metrics, add_ops_routes, bearer_token, limit_bodies, read_body, secret_matches,
 )
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.runs import ApiError, PublicSet, RunEngine
-from feddale_coordinator.schemas import (
-    SAFE_ID, ClientView, RegisterRequest, Registration, RunCreated, RunRequest, RunView, StudentInfo,
-    TaskResponse, UploadAccepted,
-)
 from feddale_coordinator.settings import Settings
 from feddale_coordinator.store import ClientRecord, RunRecord, Store
 
@@ -279,18 +279,23 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
 
     # ----------------------------------------------------------------- student job
 
-    @app.get("/v1/runs/{run_id}/student-inputs", tags=["student job"])
-    def student_inputs(run_id: SafeId, request: Request) -> dict[str, Any]:
+    @app.get("/v1/runs/{run_id}/student-inputs", response_model=StudentInputs, tags=["student job"])
+    def student_inputs(run_id: SafeId, request: Request) -> StudentInputs:
         """Config, public set and accepted accuracy payloads of a run (per-run job token)."""
         return engine.student_inputs(run_id, bearer_token(request))
 
     @app.put("/v1/runs/{run_id}/student", response_model=StudentInfo, tags=["student job"],
              openapi_extra=BINARY_BODY)
-    async def put_student(run_id: SafeId, request: Request) -> StudentInfo:
-        """Publish the run's student artifact (idempotent: a retried job gets the same answer)."""
+    async def put_student(
+        run_id: SafeId, request: Request, pseudo_labels: Annotated[PseudoLabelSummary, Query()],
+    ) -> StudentInfo:
+        """Publish the run's student artifact (idempotent: a retried job gets the same answer).
+
+        The query names the pseudo-labels it learned from (counts and selection digest).
+        """
         token = bearer_token(request)
         blob = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
-        return await run_in_threadpool(engine.publish_student, run_id, token, blob)
+        return await run_in_threadpool(engine.publish_student, run_id, token, blob, pseudo_labels)
 
     return app
 
@@ -320,6 +325,7 @@ def _run_view(store: Store, run: RunRecord, ttl_s: float) -> RunView:
         uploaded=sorted(store.uploads(run.run_id, run.round)) if run.round else [],
         clients=clients, bytes_up=sum(t["up"] for t in traffic.values()),
         bytes_down=sum(t["down"] for t in traffic.values()), student_version=run.student_version,
+        pseudo_labels=run.pseudo_labels,
         public_digest=run.public_digest, public_count=run.public_count,
         history=[h.model_dump() for h in run.history], config=run.config,
         created_at=run.created_at, updated_at=run.updated_at,

@@ -4,11 +4,14 @@ One run is active at a time. Its state moves forward only in :meth:`RunEngine.ti
 every FEDDALE_TICK_S by the app, under the run's Redis lock) and when the student is
 published, so a coordinator restarted at any moment re-reads Redis and continues. Statuses:
 
-    preparing (few-shot: derive the adapter schema and the common initial adapter)
-    -> fedavg (rounds 1..R: clients upload LoRA adapters, the coordinator averages them)
+    fedavg (rounds 1..R: clients upload LoRA adapters, the coordinator averages them)
     -> distill (round R+1: clients upload accuracy payloads on the public set)
     -> student_training (the RQ job filters pseudo-labels and trains the student)
     -> published | failed (with a reason)
+
+Every client starts a run from the same seeded adapter (``feddale.protocol.rounds.load_teacher``),
+so the coordinator never loads a language model: a few-shot run's adapter keys and shapes come
+from the teacher's config (``models.lora_shapes``), derived once per teacher when the run is created.
 
 A round closes when every expected client (alive when it opened, or that asked for its task
 since) has uploaded and at least ``min_clients`` did; after ``round_deadline_s`` it closes with
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -31,17 +33,22 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from feddale.method import adapters, federation, models
+from feddale.data.deployment import public_digest
+from feddale.data.types import Session
+from feddale.method import adapters, models
 from feddale.method.adapters import AdapterError
 from feddale.method.config import RunConfig
-from feddale.data.types import Session
-from feddale.data.deployment import public_digest
-from feddale.service.http_common import STUDENT_JOB, Metrics, hash_token, new_token, token_matches
+from feddale.method.federation import FederationError
 from feddale.method.payload import PayloadError, decode_scores
 from feddale.method.student import StudentArtifact
+from feddale.protocol.messages import (
+    PseudoLabelSummary, PublicRef, PublicSetBody, RunRequest, SessionBody, StudentInfo, StudentInputs, Task,
+    merge_config,
+)
+from feddale.protocol.rounds import NextRound, close_round
+from feddale.service.http_common import STUDENT_JOB, Metrics, hash_token, new_token, token_matches
 
 from feddale_coordinator.artifacts import ArtifactStore
-from feddale_coordinator.schemas import PublicRef, RunRequest, StudentInfo, Task, merge_config
 from feddale_coordinator.store import FINAL, RoundSummary, RunRecord, Store
 
 log = logging.getLogger(__name__)
@@ -71,8 +78,8 @@ class PublicSet:
         if not sessions:
             raise ValueError("the public set is empty; check FEDDALE_DATA and data.public in the config")
         digest = public_digest(sessions)
-        body = {"digest": digest, "sessions": [{"id": s.id, "messages": list(s.messages)} for s in sessions]}
-        return cls(sessions=sessions, digest=digest, blob=json.dumps(body).encode())
+        body = PublicSetBody(digest=digest, sessions=[SessionBody(id=s.id, messages=list(s.messages)) for s in sessions])
+        return cls(sessions=sessions, digest=digest, blob=body.model_dump_json().encode())
 
 
 class RunEngine:
@@ -90,29 +97,40 @@ class RunEngine:
         self.store, self.artifacts, self.base_config = store, artifacts, base_config
         self.public, self.queue, self.metrics = public, queue, metrics
         self.client_ttl_s, self.max_upload_bytes = client_ttl_s, max_upload_bytes
+        self._shapes: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
 
     # ----------------------------------------------------------------- creating runs
 
     def create(self, request: RunRequest) -> RunRecord:
         """Validate the request against the profile and make it the active run (409 if busy)."""
         cfg = merge_config(self.base_config, request.overrides())  # ValidationError -> 422
+        shapes = self._adapter_shapes(cfg) if cfg.fedavg_rounds else None
         run_id = f"run-{uuid.uuid4().hex[:12]}"
         if not self.store.claim_active(run_id):
             raise ApiError(409, f"run {self.store.active_run_id()} is still active; wait until it ends")
         now = time.time()
         run = RunRecord(
-            run_id=run_id, mode=request.mode, status="preparing", fedavg_rounds=cfg.fedavg_rounds,
+            run_id=run_id, mode=request.mode, status="fedavg" if cfg.fedavg_rounds else "distill",
+            fedavg_rounds=cfg.fedavg_rounds,
             min_clients=request.min_clients, round_deadline_s=request.round_deadline_s,
             config=cfg.model_dump(mode="json"), created_at=now, updated_at=now,
             public_digest=self.public.digest, public_count=len(self.public.sessions),
+            adapter_shapes={k: list(v) for k, v in shapes.items()} if shapes else None,
         )
-        if run.fedavg_rounds == 0:
-            self._open_round(run, 1)
-        else:
-            self.store.save_run(run)
+        self._open_round(run, 1)
         self.metrics.inc("runs_created_total", mode=request.mode)
         log.info("run %s created (%s, %d FedAvg rounds)", run_id, request.mode, run.fedavg_rounds)
         return run
+
+    def _adapter_shapes(self, cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+        """The teacher's LoRA keys and shapes (from its config, cached per teacher and rank); 422 if unknown."""
+        key = (cfg.teacher_model, cfg.teacher_lora_rank)
+        if key not in self._shapes:
+            try:
+                self._shapes[key] = models.lora_shapes(cfg.teacher_model, cfg.teacher_lora_rank)
+            except Exception as exc:  # an unknown model ref or architecture: the run cannot start
+                raise ApiError(422, f"teacher {cfg.teacher_model!r} cannot be used: {exc}") from exc
+        return self._shapes[key]
 
     # ----------------------------------------------------------------- the state machine
 
@@ -126,9 +144,7 @@ class RunEngine:
             if run is None or run.status in FINAL:
                 self.store.release_active(run_id)
                 return
-            if run.status == "preparing":
-                self._prepare(run)
-            elif run.status in ("fedavg", "distill"):
+            if run.status in ("fedavg", "distill"):
                 self._maybe_close(run)
             elif run.status == "student_training":
                 self._check_job(run)
@@ -141,37 +157,6 @@ class RunEngine:
 
     def _client_ids(self) -> set[str]:
         return {c.client_id for c in self.store.clients("client")}
-
-    def _prepare(self, run: RunRecord) -> None:
-        """Few-shot only: derive the adapter schema and write the common initial adapter (round 0)."""
-        cfg = RunConfig.model_validate(run.config)
-        try:
-            init = self._adapter_schema(cfg, with_initial=True)
-        except Exception as exc:  # an unknown model ref, a failed load: the run cannot start
-            log.exception("run %s: preparing the teacher adapter failed", run.run_id)
-            self._fail(run, f"could not prepare teacher {cfg.teacher_model!r}: {exc}")
-            return
-        self.artifacts.write(("runs", run.run_id, "round-0", "global.safetensors"), init)
-        self._open_round(run, 1)
-
-    def _adapter_schema(self, cfg: RunConfig, with_initial: bool = False) -> Any:
-        """Expected adapter keys/shapes + LoRA meta for this teacher (cached in Redis).
-
-        With ``with_initial`` the seeded initial adapter bytes are returned instead, so every
-        client starts FedAvg from the identical point regardless of its own hardware or seed.
-        """
-        key = f"adapter-schema:{cfg.teacher_model}:r{cfg.teacher_lora_rank}"
-        cached = self.store.cache_json(key)
-        if cached is not None and not with_initial:
-            return cached
-        model, _ = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=cfg.seeds[0])
-        peft = models.add_lora(model, rank=cfg.teacher_lora_rank, task="causal", seed=cfg.seeds[0])
-        meta = models.lora_meta(peft)
-        schema = {"shapes": {k: list(v) for k, v in adapters.adapter_shapes(peft).items()}, "meta": meta}
-        self.store.cache_json(key, schema)
-        if with_initial:
-            return adapters.adapter_to_bytes(adapters.adapter_state(peft), meta)
-        return schema
 
     def _maybe_close(self, run: RunRecord) -> None:
         uploads = self.store.uploads(run.run_id, run.round)
@@ -191,34 +176,27 @@ class RunEngine:
 
     def _close(self, run: RunRecord, uploads: dict[str, dict[str, Any]], closed_by: Literal["all", "deadline"]) -> None:
         kind = run.round_kind()
-        if kind == "fedavg":
-            try:
-                self._fedavg(run, uploads)
-            except (AdapterError, federation.FederationError, OSError) as exc:
-                self._fail(run, f"round {run.round}: FedAvg failed: {exc}")
-                return
+        try:
+            ids = sorted(uploads)
+            closed = close_round(kind, run.round, [
+                (self.artifacts.read(tuple(uploads[c]["path"])), int(uploads[c].get("samples", 1))) for c in ids
+            ] if kind == "fedavg" else ())
+        except (AdapterError, FederationError, OSError) as exc:
+            self._fail(run, f"round {run.round}: FedAvg failed: {exc}")
+            return
+        if isinstance(closed, NextRound):
+            self.artifacts.write(("runs", run.run_id, f"round-{run.round}", "global.safetensors"),
+                                 closed.global_adapter)
         run.history.append(RoundSummary(
             round=run.round, kind=kind, participants=sorted(uploads), closed_by=closed_by, closed_at=time.time(),
         ))
         self.metrics.inc("rounds_closed_total", kind=kind, closed_by=closed_by)
         log.info("run %s: round %d closed (%s) with %d client(s)", run.run_id, run.round, closed_by, len(uploads))
-        if kind == "fedavg":
-            self._open_round(run, run.round + 1)
+        if isinstance(closed, NextRound):
+            self._open_round(run, closed.round)
         else:
             run.status = "student_training"
             self._enqueue_student(run)
-
-    def _fedavg(self, run: RunRecord, uploads: dict[str, dict[str, Any]]) -> None:
-        cfg = RunConfig.model_validate(run.config)
-        schema = self._adapter_schema(cfg)
-        expected = {k: tuple(v) for k, v in schema["shapes"].items()}
-        ids = sorted(uploads)
-        states = [
-            adapters.adapter_from_bytes(self.artifacts.read(tuple(uploads[c]["path"])), expected)[0] for c in ids
-        ]
-        averaged = federation.fedavg(states, [int(uploads[c]["samples"]) for c in ids])
-        blob = adapters.adapter_to_bytes(averaged, schema["meta"])
-        self.artifacts.write(("runs", run.run_id, f"round-{run.round}", "global.safetensors"), blob)
 
     def _enqueue_student(self, run: RunRecord) -> None:
         """Hand the distillation inputs to the student-trainer via RQ (a fresh job token each time).
@@ -286,7 +264,7 @@ class RunEngine:
             return None
         self.store.expect(run.run_id, run.round, [client_id])  # a late joiner is waited for too
         global_adapter = None
-        if run.fedavg_rounds:
+        if run.round > 1:  # round 1 starts from the run's seeded adapter, which every client has
             global_adapter = f"/v1/runs/{run.run_id}/rounds/{run.round - 1}/global"
         public = None
         if run.round_kind() == "distill":
@@ -311,8 +289,7 @@ class RunEngine:
     def accept_adapter(self, run_id: str, round_no: int, client_id: str, blob: bytes, samples: int) -> dict[str, Any]:
         """Validate and store one client's LoRA adapter for a FedAvg round (last upload wins)."""
         run = self._open_run(run_id, round_no, "fedavg")
-        schema = self._adapter_schema(RunConfig.model_validate(run.config))
-        expected = {k: tuple(v) for k, v in schema["shapes"].items()}
+        expected = {k: tuple(v) for k, v in (run.adapter_shapes or {}).items()}
         try:
             adapters.adapter_from_bytes(blob, expected, max_bytes=self.max_upload_bytes)
         except AdapterError as exc:
@@ -371,20 +348,22 @@ class RunEngine:
             raise ApiError(401, "invalid job token for this run")
         return run
 
-    def student_inputs(self, run_id: str, token: str) -> dict[str, Any]:
+    def student_inputs(self, run_id: str, token: str) -> StudentInputs:
         """Everything the student job needs: config, the public set and every accepted payload."""
         run = self._job_run(run_id, token)
         if run.status != "student_training":
             raise ApiError(409, f"run {run_id} is {run.status}, not waiting for a student")
         uploads = self.store.uploads(run.run_id, run.round)
         payloads = {c: base64.b64encode(self.artifacts.read(tuple(u["path"]))).decode() for c, u in uploads.items()}
-        return {
-            "run_id": run.run_id, "round": run.round, "config": run.config,
-            "public": json.loads(self.artifacts.read(("public", f"{run.public_digest}.json"))),
-            "public_count": run.public_count, "payloads": payloads,
-        }
+        return StudentInputs(
+            run_id=run.run_id, round=run.round, config=run.config,
+            public=PublicSetBody.model_validate_json(self.artifacts.read(("public", f"{run.public_digest}.json"))),
+            public_count=run.public_count, payloads=payloads,
+        )
 
-    def publish_student(self, run_id: str, token: str, blob: bytes) -> StudentInfo:
+    def publish_student(
+        self, run_id: str, token: str, blob: bytes, pseudo_labels: PseudoLabelSummary
+    ) -> StudentInfo:
         """Store and publish the run's student; a retried job's second upload is a no-op."""
         run = self._job_run(run_id, token)
         with self.store.run_lock(run_id):
@@ -402,10 +381,10 @@ class RunEngine:
             sha = self.artifacts.write(parts, blob)
             info = StudentInfo(
                 version=version, run_id=run_id, base_model=artifact.meta.base, published_at=time.time(),
-                bytes=len(blob), sha256=sha, path=f"/v1/students/{version}",
+                bytes=len(blob), sha256=sha, path=f"/v1/students/{version}", pseudo_labels=pseudo_labels,
             )
             self.store.publish_student(info.model_dump())
-            run.status, run.student_version = "published", version
+            run.status, run.student_version, run.pseudo_labels = "published", version, pseudo_labels
             self.store.save_run(run)
             self.store.release_active(run_id)
         self.metrics.inc("runs_finished_total", status="published")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel
 
+from feddale.protocol.messages import PseudoLabelSummary
 from feddale.service.http_common import hash_token, new_token, token_matches
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ P = "feddale:"
 LOCK_TTL_S = 15.0
 LOCK_WAIT_S = 600.0
 Role = Literal["client", "detector"]
-RunStatus = Literal["preparing", "fedavg", "distill", "student_training", "published", "failed"]
+RunStatus = Literal["fedavg", "distill", "student_training", "published", "failed"]
 FINAL = ("published", "failed")
 
 
@@ -67,6 +68,8 @@ class RunRecord(BaseModel):
     student_version: str | None = None
     job_id: str | None = None
     job_token_hash: str | None = None
+    pseudo_labels: PseudoLabelSummary | None = None
+    adapter_shapes: dict[str, list[int]] | None = None  # few-shot: what every uploaded adapter must match
     history: list[RoundSummary] = []
 
     def round_kind(self, round_no: int | None = None) -> Literal["fedavg", "distill"]:
@@ -261,11 +264,3 @@ class Store:
     def latest_student(self) -> dict[str, Any] | None:
         version = self.r.get(P + "student:latest")
         return self.student(version.decode()) if version else None
-
-    def cache_json(self, key: str, value: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """Small JSON values the coordinator derives once (adapter schemas)."""
-        if value is not None:
-            self.r.hset(P + "cache", key, json.dumps(value))
-            return value
-        raw = self.r.hget(P + "cache", key)
-        return json.loads(raw) if raw else None

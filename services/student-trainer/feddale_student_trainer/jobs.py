@@ -15,17 +15,15 @@ import logging
 from typing import Any
 
 import httpx
-import numpy as np
 
-from feddale.method.config import RunConfig
-from feddale.data.types import Session
 from feddale.data.deployment import public_digest
-from feddale.method.federation import aggregate_scores, select_pseudo_labels
+from feddale.data.types import Session
+from feddale.method.config import RunConfig
+from feddale.protocol.messages import StudentInfo, StudentInputs
+from feddale.protocol.rounds import distil, score_matrix
 from feddale.service.http_common import (
     DEFAULT_COORDINATOR_URL, Backoff, auth_headers, check, env, http_client, with_retries,
 )
-from feddale.method.payload import decode_scores
-from feddale.method.student import train_student
 
 log = logging.getLogger(__name__)
 
@@ -38,41 +36,35 @@ def train_student_job(
     coordinator_url: str | None = None,
     transport: httpx.BaseTransport | None = None,
 ) -> dict[str, Any]:
-    """Train and publish the student of ``run_id``; returns what was published."""
+    """Train and publish the student of ``run_id`` with :func:`feddale.protocol.rounds.distil`."""
     url = coordinator_url or env("FEDDALE_COORDINATOR_URL", DEFAULT_COORDINATOR_URL) or DEFAULT_COORDINATOR_URL
     kwargs: dict[str, Any] = {"transport": transport} if transport is not None else {}
     headers = auth_headers(job_token)
     with http_client(url, timeout=600.0, **kwargs) as http:
-        inputs = with_retries(
+        inputs = StudentInputs.model_validate(with_retries(
             lambda: check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json(),
             attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"student inputs of {run_id}",
-        )
-        cfg = RunConfig.model_validate(inputs["config"])
-        public = [Session(id=s["id"], messages=tuple(s["messages"])) for s in inputs["public"]["sessions"]]
+        ))
+        cfg = RunConfig.model_validate(inputs.config)
+        public = [Session(id=s.id, messages=tuple(s.messages)) for s in inputs.public.sessions]
         digest = public_digest(public)
-        if digest != inputs["public"]["digest"] or len(public) != inputs["public_count"]:
+        if digest != inputs.public.digest or len(public) != inputs.public_count:
             raise ValueError(f"run {run_id}: the public set received does not match its digest")
-        if not inputs["payloads"]:
-            raise ValueError(f"run {run_id}: no accuracy payloads to learn from")
-        matrix = np.stack([
-            decode_scores(base64.b64decode(blob), public_digest=digest, run_id=run_id,
-                          round=inputs["round"], count=len(public))[1]
-            for _, blob in sorted(inputs["payloads"].items())
-        ])
-        texts = [s.text for s in public]
-        selection = select_pseudo_labels(
-            aggregate_scores(matrix, cfg.filter), texts, cfg.k_normal, cfg.k_anomalous, cfg.selection
+        matrix = score_matrix(
+            {client: base64.b64decode(blob) for client, blob in inputs.payloads.items()},
+            digest=digest, run_id=run_id, round_no=inputs.round, count=len(public),
         )
-        log.info("run %s: %d clients, %d pseudo-labelled rows", run_id, matrix.shape[0], len(selection.texts))
-        artifact = train_student(
-            selection.texts, selection.labels, cfg.student.model_copy(update={"seed": cfg.seeds[0]}),
-            weights=selection.weights, progress=False,
-        )
-        blob = artifact.to_bytes()
-        published = with_retries(
-            lambda: check(http.put(f"/v1/runs/{run_id}/student", content=blob,
-                                   headers={**headers, "Content-Type": "application/octet-stream"})).json(),
+        distilled = distil(cfg, [s.text for s in public], matrix)
+        log.info("run %s: %d clients, %d pseudo-labelled rows", run_id, matrix.shape[0],
+                 len(distilled.selection.texts))
+        blob = distilled.artifact.to_bytes()
+        published = StudentInfo.model_validate(with_retries(
+            lambda: check(http.put(
+                f"/v1/runs/{run_id}/student", content=blob,
+                params=distilled.summary.model_dump(),
+                headers={**headers, "Content-Type": "application/octet-stream"},
+            )).json(),
             attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"publishing the student of {run_id}",
-        )
-    log.info("run %s: student %s published", run_id, published["version"])
-    return {"version": published["version"], "clients": int(matrix.shape[0]), "rows": len(selection.texts)}
+        ))
+    log.info("run %s: student %s published", run_id, published.version)
+    return {"version": published.version, "clients": int(matrix.shape[0]), "rows": len(distilled.selection.texts)}

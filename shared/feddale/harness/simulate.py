@@ -12,7 +12,6 @@ import json
 import logging
 import resource
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,12 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from feddale.method import adapters, federation, metrics, models, payload, teacher
+from feddale.data.deployment import federation_split, public_digest, resolve_source
+from feddale.data.types import FederationSplit
+from feddale.files import atomic_write
+from feddale.harness.provenance import git_commit
+from feddale.method import adapters, federation, metrics, models, teacher
 from feddale.method.config import RunConfig
-from feddale.data.deployment import federation_split, resolve_source
-from feddale.data.types import FederationSplit, texts_digest
 from feddale.method.detector import Detector
-from feddale.method.student import train_student
+from feddale.protocol import rounds
+from feddale.protocol.messages import PublicRef, Task
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +179,11 @@ def run_federation(
 ) -> list[dict[str, Any]]:
     """One seed, distilled after each number of FedAvg rounds in ``snapshots``; one row each.
 
-    Why one progressive run: the local training of round R+1 is both FedAvg round R+1 and the
-    distillation round of a run with R FedAvg rounds (same seeds, same starting adapter), so
-    one pass over max(snapshots)+1 rounds yields every snapshot at the cost of the longest.
+    The rounds are the deployment's own (:mod:`feddale.protocol.rounds`); only the transport is
+    in-process: clients take turns on one loaded teacher, and every blob goes through its wire
+    encoding. Why one progressive run: the local training of round R+1 is both FedAvg round R+1
+    and the distillation round of a run with R FedAvg rounds (same seeds, same starting adapter),
+    so one pass over max(snapshots)+1 rounds yields every snapshot at the cost of the longest.
     ``ablation_plan`` maps a snapshot to variants that re-use its client scores with another filter,
     k or top-k. The FedAvg-teacher baseline is evaluated where a snapshot distils, the only
     rounds a report compares.
@@ -187,105 +191,105 @@ def run_federation(
     snapshots = sorted(set(snapshots))
     if not snapshots or snapshots[0] < 0:
         raise ValueError(f"snapshots must be FedAvg round counts >= 0, got {snapshots}")
+    cfg = cfg.model_copy(update={"seeds": [seed]})
     clock = PhaseClock()
     rng = np.random.default_rng(seed)
     source = resolve_source(cfg.data)
     with clock("data"):
         split = federation_split(cfg.data, seed, source)
-    client_texts = [[s.text for s in shard] for shard in split.clients]
     public_texts = [s.text for s in split.public]
-    digest = texts_digest(public_texts)
-    sizes = [len(t) for t in client_texts]
+    public_ref = PublicRef(digest=public_digest(split.public), count=len(split.public), path="in-process")
+    sizes = [len(shard) for shard in split.clients]
     plan = ablation_plan or {}
     top_ks = sorted({cfg.score.top_k, *(v.top_k for variants in plan.values() for v in variants)})
+    run_id = f"sim-{seed}"
 
     with clock("load_teacher"):
-        base, tokenizer = models.load_causal_lm(cfg.teacher_model, cfg.quantization, seed=seed)
-        model = models.add_lora(base, rank=cfg.teacher_lora_rank, task="causal")
-    meta = models.lora_meta(model)
-    global_state = adapters.adapter_state(model)
-    expected = {key: tuple(t.shape) for key, t in global_state.items()}
+        model = rounds.load_teacher(cfg)
     traffic: list[dict[str, Any]] = []
-    rounds: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-
-    def score_public(round_no: int, client: int) -> dict[int, np.ndarray]:
-        """Client scores the public set; every top-k goes through the wire format, the default one is sent."""
-        with clock("teacher_score"):
-            if len(top_ks) == 1:
-                raw = {top_ks[0]: teacher.score_texts(model, tokenizer, public_texts, cfg.score, progress=progress)}
-            else:
-                raw = teacher.score_by_top_k(model, tokenizer, public_texts, cfg.score, top_ks, progress=progress)
-        header = payload.PayloadHeader(
-            version=payload.VERSION, public_digest=digest, run_id=f"sim-{seed}", round=round_no,
-            client_id=f"client-{client}", count=len(public_texts),
-        )
-        decoded = {}
-        for k, scores in raw.items():
-            blob = payload.encode_scores(scores, header)
-            if k == cfg.score.top_k:
-                traffic.append({"round": round_no, "client": client, "kind": "accuracy_up", "bytes": len(blob)})
-            decoded[k] = payload.decode_scores(blob, public_digest=digest, count=len(public_texts))[1]
-        return decoded
+    global_adapter: bytes | None = None
 
     for round_no in range(1, snapshots[-1] + 2):
         distills = (round_no - 1) in snapshots
         uploads = round_no <= snapshots[-1]
-        states, train_stats = [], []
-        matrices: dict[int, list[np.ndarray]] = {k: [] for k in top_ks}
-        down = adapters.adapter_to_bytes(global_state, meta)
-        for client in range(len(client_texts)):
-            adapters.load_adapter_state(model, adapters.adapter_from_bytes(down, expected)[0])
-            traffic.append({"round": round_no, "client": client, "kind": "adapter_down", "bytes": len(down)})
-            local_cfg = cfg.teacher.model_copy(update={"seed": seed * 10_000 + round_no * 100 + client})
-            with clock("teacher_train"):
-                train_stats.append(
-                    teacher.train_teacher(model, tokenizer, client_texts[client], local_cfg, progress=progress)
+        task = Task(
+            run_id=run_id, round=round_no, kind="fedavg" if uploads else "distill",
+            config=cfg.model_dump(mode="json"), global_adapter=None,
+            public=public_ref if distills else None, deadline_at=float("inf"),
+        )
+        send: list[rounds.Upload] = (["adapter"] if uploads else []) + (["scores"] if distills else [])
+        results = []
+        for client, shard in enumerate(split.clients):
+            model.reset()  # a node of its own: the seeded start, then the global adapter if any
+            if global_adapter is not None:
+                traffic.append({"round": round_no, "client": client, "kind": "adapter_down",
+                                "bytes": len(global_adapter)})
+            with clock("teacher_train_and_score"):
+                result = rounds.client_round(
+                    task, model, shard, shard=client, client_id=f"client-{client}",
+                    global_adapter=global_adapter, public=split.public if distills else None,
+                    send=send, top_ks=top_ks, progress=progress,
                 )
+            results.append(result)
+            if result.adapter is not None:
+                traffic.append({"round": round_no, "client": client, "kind": "adapter_up",
+                                "bytes": len(result.adapter)})
             if distills:
-                for k, scores in score_public(round_no, client).items():
-                    matrices[k].append(scores)
-            up = adapters.adapter_to_bytes(adapters.adapter_state(model), meta)
-            if uploads:
-                traffic.append({"round": round_no, "client": client, "kind": "adapter_up", "bytes": len(up)})
-            states.append(adapters.adapter_from_bytes(up, expected)[0])
-        global_state = federation.fedavg(states, sizes)
+                traffic.append({"round": round_no, "client": client, "kind": "accuracy_up",
+                                "bytes": len(result.scores[cfg.score.top_k])})
+        train_stats = [r.train_stats for r in results]
+        if uploads:
+            closed = rounds.close_round("fedavg", round_no, [(r.adapter, r.samples) for r in results])
+            assert isinstance(closed, rounds.NextRound)
+            global_adapter = closed.global_adapter
         baseline = None
         if cfg.baseline and distills:
             # The FedAvg-only detector after the same amount of client training.
-            adapters.load_adapter_state(model, global_state)
+            model.reset()
+            if global_adapter is not None:
+                state, _ = adapters.adapter_from_bytes(global_adapter, adapters.adapter_shapes(model.model))
+                adapters.load_adapter_state(model.model, state)
             with clock("baseline_eval"):
-                baseline = _evaluate_teacher(model, tokenizer, split, cfg, rng)
+                baseline = _evaluate_teacher(model.model, model.tokenizer, split, cfg, rng)
         if uploads:
-            rounds.append({"round": round_no, "teacher_train": train_stats, "fedavg_teacher": baseline})
+            history.append({"round": round_no, "teacher_train": train_stats, "fedavg_teacher": baseline})
         if not distills:
             continue
         fedavg_rounds = round_no - 1
-        stacked = {k: np.stack(m) for k, m in matrices.items()}
+        matrices = {
+            k: rounds.score_matrix(
+                {f"client-{c}": r.scores[k] for c, r in enumerate(results)},
+                digest=public_ref.digest, run_id=run_id, round_no=round_no, count=public_ref.count,
+            )
+            for k in top_ks
+        }
         name = f"student-seed{seed}" if len(snapshots) == 1 else f"student-seed{seed}-r{fedavg_rounds}"
         default = Variant("default", cfg.filter, cfg.k_normal, cfg.k_anomalous, cfg.score.top_k)
         row_traffic = _snapshot_traffic(traffic, fedavg_rounds)
         with clock("student"):
-            outcome = _distil(cfg, seed, split, public_texts, stacked, default, out_dir / name, progress)
+            outcome = _distil(cfg, split, public_texts, matrices, default, out_dir / name, progress)
         student_bytes = outcome.pop("student_bytes")
         row_traffic += [
             {"round": round_no, "client": client, "kind": "student_down", "bytes": student_bytes}
-            for client in range(len(client_texts))
+            for client in range(len(split.clients))
         ]
         ablation = {}
         for variant in plan.get(fedavg_rounds, ()):
             with clock("ablation"):
-                result = _distil(cfg, seed, split, public_texts, stacked, variant, None, progress)
-            result.pop("student_bytes")
-            ablation[variant.name] = {"variant": variant.__dict__, **result}
+                result_row = _distil(cfg, split, public_texts, matrices, variant, None, progress)
+            result_row.pop("student_bytes")
+            ablation[variant.name] = {"variant": variant.__dict__, **result_row}
         rows.append({
             "seed": seed,
             "data_source": source,
             "clients": sizes,
-            "public_digest": digest,
+            "public_digest": public_ref.digest,
             "fedavg_rounds": fedavg_rounds,
-            "adapter_bytes": len(up),
-            "rounds": [r for r in rounds if r["round"] <= fedavg_rounds],
+            "adapter_bytes": len(adapters.adapter_to_bytes(adapters.adapter_state(model.model),
+                                                           models.lora_meta(model.model))),
+            "rounds": [r for r in history if r["round"] <= fedavg_rounds],
             "distillation_round": round_no,
             "teacher_train": train_stats,
             **outcome,
@@ -300,7 +304,6 @@ def run_federation(
 
 def _distil(
     cfg: RunConfig,
-    seed: int,
     split: FederationSplit,
     public_texts: list[str],
     matrices: dict[int, np.ndarray],
@@ -308,30 +311,26 @@ def _distil(
     save_to: Path | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Server side of the distillation round for one variant: aggregate, select, train, evaluate."""
-    aggregated = federation.aggregate_scores(matrices[variant.top_k], variant.filter)
-    selection = federation.select_pseudo_labels(
-        aggregated, public_texts, variant.k_normal, variant.k_anomalous, cfg.selection
+    """The distillation round's server side for one variant, then the harness's evaluation of it."""
+    distilled = rounds.distil(
+        cfg, public_texts, matrices[variant.top_k], filter=variant.filter, k_normal=variant.k_normal,
+        k_anomalous=variant.k_anomalous, progress=progress,
     )
-    diagnostics = teacher_diagnostics(aggregated, public_texts, split.public_labels, selection)
+    diagnostics = teacher_diagnostics(distilled.aggregated, public_texts, split.public_labels, distilled.selection)
     log.info("pseudo-labels (%s): %s", variant.name, json.dumps(diagnostics))
-    artifact = train_student(
-        selection.texts, selection.labels, cfg.student.model_copy(update={"seed": seed}),
-        weights=selection.weights, progress=progress,
-    )
-    detector = Detector(artifact)
+    detector = Detector(distilled.artifact)
     evaluation = {}
     for name, part in (("validation", split.validation), ("test", split.test)):
         probs = detector.predict_proba([ls.session.messages for ls in part])
         evaluation[name] = metrics.binary_report([ls.label for ls in part], probs, threshold=0.5)
     out: dict[str, Any] = {
-        "pseudo_labels": diagnostics,
+        "pseudo_labels": {**diagnostics, "selection_digest": distilled.summary.digest},
         "student": evaluation,
-        "student_version": artifact.version,
-        "student_bytes": len(artifact.to_bytes()),
+        "student_version": distilled.artifact.version,
+        "student_bytes": len(distilled.artifact.to_bytes()),
     }
     if save_to is not None:
-        out["student_artifact"] = str(artifact.save(save_to))
+        out["student_artifact"] = str(distilled.artifact.save(save_to))
     return out
 
 
@@ -388,16 +387,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def simulate(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Run every seed of `cfg`, write `results.json` after each seed (nothing lost on a crash)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,7 +400,5 @@ def simulate(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, 
         log.info("seed %d: starting", seed)
         results["runs"].append(run_seed(cfg, seed, out_dir, progress=progress))
         results["summary"] = summarize(results["runs"])
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(results, indent=2))
     return results

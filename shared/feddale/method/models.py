@@ -521,6 +521,30 @@ def add_lora(
         return get_peft_model(model, config)
 
 
+def lora_shapes(ref: str | ModelRef, rank: int) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of a causal-LM LoRA adapter on ``ref``, from the model's config alone.
+
+    The coordinator checks every uploaded adapter against these without loading a language
+    model: the architecture is built on PyTorch's ``meta`` device, which allocates no weights.
+    Quantization does not change them (4-bit layers keep their in/out features).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from feddale.method.adapters import adapter_shapes
+
+    ref = ModelRef.parse(ref)
+    if ref.family == "minilm":
+        raise ModelRefError(f"{ref} is an encoder, not a causal LM; use tiny:llama or builtin:smollm2-135m")
+    if ref.is_tiny:
+        config = _tiny_config(ref, _prepare_tokenizer(_load_tokenizer(ref), causal=True), num_labels=2)
+    else:
+        source, kwargs = _pretrained_location(ref, four_bit=False)
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return adapter_shapes(add_lora(model, rank=rank, task="causal"))
+
+
 def lora_meta(peft_model) -> dict[str, Any]:
     """What a receiver needs to check an adapter fits its base model (travels with the bytes)."""
     from peft import TaskType

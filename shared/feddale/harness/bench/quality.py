@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from feddale.files import atomic_write
 from feddale.method.config import RunConfig
-from feddale.harness.bench.run import machine
-from feddale.harness.simulate import Variant, git_commit, run_federation
+from feddale.harness.provenance import git_commit, machine
+from feddale.harness.simulate import Variant, run_federation
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ def run_quality(
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def _spread(values: list[float]) -> dict[str, float | int]:

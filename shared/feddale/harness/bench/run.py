@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from feddale.files import atomic_write
+from feddale.harness.bench import cost, quality, report
+from feddale.harness.provenance import git_commit, machine
 from feddale.method.config import RunConfig
 from feddale.data.sources import load_dataset
 from feddale.data.deployment import resolve_source
@@ -26,26 +25,6 @@ from feddale.data.deployment import resolve_source
 log = logging.getLogger(__name__)
 
 TABLES = ("quality", "cost", "report")
-
-
-def machine() -> dict[str, Any]:
-    """What the timings depend on: CPU model, cores, torch threads, GPU if any."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def bench(
@@ -59,9 +38,6 @@ def bench(
     progress: bool = True,
 ) -> Path:
     """Run the asked-for tables into ``out_dir``, sized by ``cfg.bench``; returns the report's path."""
-    from feddale.harness.bench import cost, quality, report
-    from feddale.harness.simulate import git_commit
-
     unknown = set(tables) - set(TABLES)
     if unknown:
         raise ValueError(f"unknown tables {sorted(unknown)}; choose from {list(TABLES)}")
@@ -86,6 +62,6 @@ def bench(
         )
         result["git_commit"] = git_commit()
         result["config"] = cfg.model_dump(mode="json")
-        (out_dir / "cost.json").write_text(json.dumps(result, indent=2))
+        atomic_write(out_dir / "cost.json", json.dumps(result, indent=2))
     header["seconds this invocation"] = round(time.perf_counter() - started, 1)
     return report.write_report(out_dir, header)

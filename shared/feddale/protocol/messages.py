@@ -1,4 +1,9 @@
-"""Request and response bodies of the coordinator API (pydantic at the edge, 422 names the field)."""
+"""Everything that crosses the wire between FedDALE processes, as pydantic models.
+
+Senders build these models and receivers validate what arrives with ``Model.model_validate``,
+so a field renamed on one side fails loudly on the other instead of as a ``KeyError`` deep in a
+service; a 422 from the coordinator names the offending field.
+"""
 
 from __future__ import annotations
 
@@ -76,6 +81,14 @@ def merge_config(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
+class PseudoLabelSummary(BaseModel):
+    """Which public sessions the student learned from (the digest pins the exact selection)."""
+
+    normal: int = Field(ge=0)
+    anomalous: int = Field(ge=0)
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class RunCreated(BaseModel):
     run_id: str
     status: str
@@ -106,6 +119,7 @@ class RunView(BaseModel):
     bytes_up: int
     bytes_down: int
     student_version: str | None
+    pseudo_labels: PseudoLabelSummary | None
     public_digest: str
     public_count: int
     history: list[dict[str, Any]]
@@ -132,12 +146,30 @@ class Registration(BaseModel):
 
 
 class PublicRef(BaseModel):
+    """Names the public set of a distillation round; clients fetch ``path`` and check the digest."""
+
     digest: str
     count: int
     path: str
 
 
+class SessionBody(BaseModel):
+    """One unlabeled session on the wire (public set): masked messages in order."""
+
+    id: str
+    messages: list[str]
+
+
+class PublicSetBody(BaseModel):
+    """The public unlabeled set as served by the coordinator (``GET /v1/public/{digest}``)."""
+
+    digest: str
+    sessions: list[SessionBody]
+
+
 class Task(BaseModel):
+    """One client's work for one round: train locally, then upload an adapter or accuracy payload."""
+
     run_id: str
     round: int
     kind: Literal["fedavg", "distill"]
@@ -161,7 +193,20 @@ class UploadAccepted(BaseModel):
     replaced: bool
 
 
+class StudentInputs(BaseModel):
+    """What the student job downloads: the run's config, public set and accepted payloads (base64)."""
+
+    run_id: str
+    round: int
+    config: dict[str, Any]
+    public: PublicSetBody
+    public_count: int
+    payloads: dict[str, str]
+
+
 class StudentInfo(BaseModel):
+    """A published student, as listed by the coordinator and pulled by detectors and clients."""
+
     version: str
     run_id: str
     base_model: str
@@ -169,3 +214,4 @@ class StudentInfo(BaseModel):
     bytes: int
     sha256: str
     path: str
+    pseudo_labels: PseudoLabelSummary | None = None
