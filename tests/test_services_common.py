@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
@@ -97,6 +98,22 @@ def test_metrics_render_prometheus_text_and_ops_routes() -> None:
     assert 'feddale_test_things_total{kind="a"} 2' in text
     assert 'feddale_test_took_seconds_bucket{le="0.025"} 1' in text and "feddale_test_took_seconds_count 1" in text
     assert 'feddale_test_http_requests_total{method="POST",route="/echo",status="413"} 1' in text
+
+
+def test_metrics_escape_label_values_and_fit_buckets_per_histogram() -> None:
+    metrics = Metrics("t")
+    metrics.inc("odd_total", route='a"b\\c\nd')
+    metrics.describe("batch", "sessions per batch", buckets=(1, 2, 4))
+    metrics.observe("batch", 2)
+    metrics.observe("latency_seconds", 0.2)
+    text = metrics.render()
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # the exposition parses back
+    (odd,) = families["t_odd"].samples
+    assert odd.labels == {"route": 'a"b\\c\nd'} and odd.value == 1
+    batch = {s.labels.get("le"): s.value for s in families["t_batch"].samples if s.name == "t_batch_bucket"}
+    assert batch == {"1.0": 0, "2.0": 1, "4.0": 1, "+Inf": 1}
+    latency = {s.labels.get("le") for s in families["t_latency_seconds"].samples if s.name.endswith("_bucket")}
+    assert "0.25" in latency and "4.0" not in latency
 
 
 def test_coordinator_session_registers_and_reregisters_after_401() -> None:

@@ -1,4 +1,4 @@
-"""Plumbing every FedDALE service shares: tokens, Prometheus text, ops routes, retries, serving.
+"""Plumbing every FedDALE service shares: tokens, metrics (prometheus_client), ops routes, retries, serving.
 
 The services are thin HTTP/RQ edges around the core library; what they have in common (how a
 token is hashed, how /metrics looks, how a caller backs off when the coordinator is away, how
@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -27,6 +28,9 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
+)
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -231,99 +235,69 @@ def limit_bodies(app: FastAPI, rules: Sequence[tuple[str, str, int]] = (), defau
 # --------------------------------------------------------------------------- metrics
 
 
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# prometheus_client adds a `<name>_created` timestamp series to every counter and histogram;
+# no FedDALE dashboard or alert reads them, and they double the exposition.
+disable_created_metrics()
 
-
-def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    escaped = (f'{k}="{v}"'.replace("\n", " ") for k, v in labels)
-    return "{" + ",".join(escaped) + "}"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
-    """Counters, gauges and histograms rendered in the Prometheus text format.
+    """One service's Prometheus series, in a registry of its own (``prometheus_client``).
 
-    Small and dependency-free on purpose: four services need a dozen series each, and a
-    registry library would be the largest part of the detector.
+    Series are created on first use with the label names of that use, so a service states a
+    metric where it counts it; ``describe`` gives help text and, for histograms, buckets fitted
+    to what is measured (a latency and a batch size need different ones).
     """
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
+        self.registry = CollectorRegistry()
+        self._described: dict[str, tuple[str, Sequence[float] | None]] = {}
+        self._series: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._help: dict[str, tuple[str, str]] = {}
-        self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-        self._hist: dict[str, dict[tuple[tuple[str, str], ...], list[float]]] = {}
-        self._gauge_fns: dict[str, Callable[[], float]] = {}
 
-    def _name(self, name: str) -> str:
-        return f"{self.namespace}_{name}"
+    def describe(self, name: str, help_text: str, buckets: Sequence[float] | None = None) -> None:
+        self._described[name] = (help_text, buckets)
 
-    def describe(self, name: str, kind: str, help_text: str) -> None:
-        self._help[self._name(name)] = (kind, help_text)
+    def _series_for(self, kind: type, name: str, labels: dict[str, str]) -> Any:
+        with self._lock:
+            metric = self._series.get(name)
+            if metric is None:
+                help_text, buckets = self._described.get(name, (name.replace("_", " "), None))
+                extra = {"buckets": buckets or LATENCY_BUCKETS} if kind is Histogram else {}
+                metric = kind(name, help_text, labelnames=sorted(labels), namespace=self.namespace,
+                              registry=self.registry, **extra)
+                self._series[name] = metric
+        return metric.labels(**{k: str(v) for k, v in labels.items()}) if labels else metric
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        with self._lock:
-            series = self._values.setdefault(self._name(name), {})
-            series[key] = series.get(key, 0.0) + value
+        self._series_for(Counter, name, labels).inc(value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        with self._lock:
-            self._values.setdefault(self._name(name), {})[key] = float(value)
-
-    def gauge_fn(self, name: str, fn: Callable[[], float]) -> None:
-        """A gauge computed at scrape time (queue depth, clients registered...)."""
-        self._gauge_fns[self._name(name)] = fn
+        self._series_for(Gauge, name, labels).set(value)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        with self._lock:
-            series = self._hist.setdefault(self._name(name), {})
-            counts = series.setdefault(key, [0.0] * (len(_BUCKETS) + 2))  # buckets..., sum, count
-            for i, bound in enumerate(_BUCKETS):
-                if value <= bound:
-                    counts[i] += 1
-            counts[-2] += value
-            counts[-1] += 1
+        self._series_for(Histogram, name, labels).observe(value)
+
+    def gauge_fn(self, name: str, fn: Callable[[], float]) -> None:
+        """A gauge computed at scrape time (queue depth, clients registered...); NaN when ``fn`` fails."""
+
+        def probe() -> float:
+            try:
+                return float(fn())
+            except Exception:  # a scrape must not fail because one probe did
+                log.debug("gauge %s failed", name, exc_info=True)
+                return math.nan
+
+        self._series_for(Gauge, name, {}).set_function(probe)
 
     def value(self, name: str, **labels: str) -> float:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        with self._lock:
-            return self._values.get(self._name(name), {}).get(key, 0.0)
+        sample = self.registry.get_sample_value(f"{self.namespace}_{name}", {k: str(v) for k, v in labels.items()})
+        return sample or 0.0
 
     def render(self) -> str:
-        lines: list[str] = []
-
-        def header(full: str, default_kind: str) -> None:
-            kind, help_text = self._help.get(full, (default_kind, full))
-            lines.append(f"# HELP {full} {help_text}")
-            lines.append(f"# TYPE {full} {kind}")
-
-        with self._lock:
-            values = {k: dict(v) for k, v in self._values.items()}
-            hist = {k: {lk: list(c) for lk, c in v.items()} for k, v in self._hist.items()}
-        for full, series in sorted(values.items()):
-            header(full, "counter" if full.endswith("_total") else "gauge")
-            for labels, v in sorted(series.items()):
-                lines.append(f"{full}{_labels_text(labels)} {v:g}")
-        for full, fn in sorted(self._gauge_fns.items()):
-            header(full, "gauge")
-            try:
-                lines.append(f"{full} {float(fn()):g}")
-            except Exception:  # a scrape must not fail because one probe did
-                log.debug("gauge %s failed", full, exc_info=True)
-        for full, series in sorted(hist.items()):
-            header(full, "histogram")
-            for labels, counts in sorted(series.items()):
-                for i, bound in enumerate(_BUCKETS):
-                    le = labels + (("le", f"{bound:g}"),)
-                    lines.append(f"{full}_bucket{_labels_text(le)} {counts[i]:g}")
-                lines.append(f"{full}_bucket{_labels_text(labels + (('le', '+Inf'),))} {counts[-1]:g}")
-                lines.append(f"{full}_sum{_labels_text(labels)} {counts[-2]:g}")
-                lines.append(f"{full}_count{_labels_text(labels)} {counts[-1]:g}")
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
 
 
 MAX_ECHOED_INPUT = 256
@@ -395,8 +369,8 @@ def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[
     thread because the checks do blocking I/O (Redis ping, HTTP to the coordinator).
     """
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
-    metrics.describe("http_requests_total", "counter", "HTTP requests by route and status")
-    metrics.describe("http_request_seconds", "histogram", "HTTP request latency by route")
+    metrics.describe("http_requests_total", "HTTP requests by route and status")
+    metrics.describe("http_request_seconds", "HTTP request latency by route")
 
     app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -415,7 +389,7 @@ def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
         """Prometheus text exposition."""
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 # --------------------------------------------------------------------------- retries

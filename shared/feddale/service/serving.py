@@ -192,8 +192,8 @@ class MicroBatcher:
 
 def add_detect_routes(app: FastAPI, slot: ModelSlot, batcher: MicroBatcher, metrics: Metrics) -> None:
     """POST /v1/detect and GET /v1/model on ``app``."""
-    metrics.describe("sessions_scored_total", "counter", "sessions scored by /v1/detect")
-    metrics.describe("batch_sessions", "histogram", "sessions per micro-batch")
+    metrics.describe("sessions_scored_total", "sessions scored by /v1/detect")
+    metrics.describe("batch_sessions", "sessions per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
     # Oversized detect bodies are refused before parsing, declared or chunked (the schema bounds
     # the rest); every other route of a serving app takes small bodies only.
