@@ -72,20 +72,60 @@ class TemplateMatch:
 
 @dataclass
 class _Position:
-    """What one token position of a cluster has seen: a few words, or many, and their prefix."""
+    """What one wildcard position of a cluster has seen: a few words, or many, and their prefix."""
 
     values: set[str] | None = field(default_factory=set)  # None: too many to be event names
     prefix: str | None = None
 
     def observe(self, token: str, limit: int) -> None:
-        if self.values is not None and WILDCARD not in token:
+        if self.values is not None and WILDCARD not in token and token not in self.values:
             self.values.add(token)
             if len(self.values) > limit:
                 self.values = None
         if self.prefix is None:
             self.prefix = token
-        elif not token.startswith(self.prefix):
+        elif self.prefix and not token.startswith(self.prefix):
             self.prefix = os.path.commonprefix([self.prefix, token])
+
+    def slot(self, token: str) -> str:
+        """What this position contributes to the template of a line with ``token`` there."""
+        if self.values is not None and WILDCARD not in token:
+            return token
+        prefix = self.prefix or ""
+        cut = max(prefix.rfind("="), prefix.rfind(":"))
+        return prefix[: cut + 1] + WILDCARD if cut > 0 else WILDCARD
+
+
+@dataclass
+class _Cluster:
+    """Refinement state of one Drain3 cluster.
+
+    Only wildcard positions need statistics: every line so far had the template's own token at
+    a constant position, so when Drain turns it into a wildcard, that token is all it has seen.
+    ``matches`` caches the result per combination of slots; it is cleared when the template
+    changes, so it never answers from an older template.
+    """
+
+    template: tuple[str, ...]
+    positions: dict[int, _Position]
+    matches: dict[tuple[str, ...], TemplateMatch] = field(default_factory=dict)
+    wildcards: list[int] = field(default_factory=list)  # sorted keys of positions
+
+    def __post_init__(self) -> None:
+        self.wildcards = sorted(self.positions)
+
+    def follow(self, template: tuple[str, ...]) -> None:
+        """Catch up with a template Drain3 just generalised."""
+        for index, (old, new) in enumerate(zip(self.template, template)):
+            if new == WILDCARD and index not in self.positions:
+                position = self.positions[index] = _Position()
+                position.observe(old, limit=1 << 30)
+        self.template = template
+        self.wildcards = sorted(self.positions)
+        self.matches.clear()
+
+
+_MATCH_CACHE = 4096  # combinations of slots remembered per cluster
 
 
 class _AtomicFile(PersistenceHandler):
@@ -140,7 +180,7 @@ class TemplateStore:
         # No persistence handler while mining: Drain3 would snapshot the whole tree on every new
         # cluster. The store saves when asked (save()), through the same Drain3 format.
         self._miner = TemplateMiner(config=config)
-        self._positions: dict[int, list[_Position]] = {}
+        self._clusters: dict[int, _Cluster] = {}
         self._ids: dict[str, str] = {}
         self._state_dir = Path(state_dir) if state_dir is not None else None
         if self._state_dir is not None:
@@ -153,41 +193,45 @@ class TemplateStore:
 
     def add(self, masked: str) -> TemplateMatch:
         """Learn from one masked message and return its template id and template."""
-        result = self._miner.add_log_message(masked)
-        cluster_id = int(result["cluster_id"])
+        # Straight to the Drain tree: TemplateMiner.add_log_message would mask (nothing to do
+        # here), profile and build a result dict per line, a third of the mining time.
+        drained, _ = self._miner.drain.add_log_message(masked)
+        cluster_id = int(drained.cluster_id)
+        template = drained.log_template_tokens
         tokens = masked.split()
-        positions = self._positions.get(cluster_id)
-        if positions is None or len(positions) != len(tokens):
-            positions = self._positions[cluster_id] = [_Position() for _ in tokens]
-        for position, token in zip(positions, tokens):
-            position.observe(token, self.settings.max_values)
-        return self._refine(cluster_id, tokens)
+        cluster = self._clusters.get(cluster_id)
+        if cluster is None:
+            cluster = self._clusters[cluster_id] = _Cluster(
+                tuple(template), {i: _Position() for i, t in enumerate(template) if t == WILDCARD}
+            )
+        elif template != cluster.template:
+            cluster.follow(tuple(template))
+        limit = self.settings.max_values
+        for index, position in cluster.positions.items():
+            position.observe(tokens[index], limit)
+        return self._refine(cluster_id, cluster, tokens)
 
     def resolve(self, cluster_id: int, masked: str) -> TemplateMatch:
         """The id a message added earlier (to ``cluster_id``) has under the current state."""
-        return self._refine(cluster_id, masked.split())
+        return self._refine(cluster_id, self._clusters[cluster_id], masked.split())
 
-    def _refine(self, cluster_id: int, tokens: list[str]) -> TemplateMatch:
-        cluster = self._miner.drain.id_to_cluster[cluster_id]
-        positions = self._positions[cluster_id]
-        out: list[str] = []
-        for index, token in enumerate(cluster.log_template_tokens):
-            if token != WILDCARD:
-                out.append(token)
-                continue
-            position, seen = positions[index], tokens[index]
-            if position.values is not None and WILDCARD not in seen:
-                out.append(seen)
-                continue
-            prefix = position.prefix or ""
-            cut = max(prefix.rfind("="), prefix.rfind(":"))
-            out.append(prefix[: cut + 1] + WILDCARD if cut > 0 else WILDCARD)
+    def _refine(self, cluster_id: int, cluster: _Cluster, tokens: list[str]) -> TemplateMatch:
+        slots = tuple(cluster.positions[i].slot(tokens[i]) for i in cluster.wildcards)
+        found = cluster.matches.get(slots)
+        if found is not None:
+            return found
+        out = list(cluster.template)
+        for index, slot in zip(cluster.wildcards, slots):
+            out[index] = slot
         template = " ".join(out)
         key = template_key(template)
         template_id = self._ids.get(key)
         if template_id is None:
             template_id = self._ids[key] = f"T{len(self._ids) + 1}"
-        return TemplateMatch(template_id, template, cluster_id)
+        if len(cluster.matches) >= _MATCH_CACHE:
+            cluster.matches.clear()
+        found = cluster.matches[slots] = TemplateMatch(template_id, template, cluster_id)
+        return found
 
     # --- persistence ---------------------------------------------------------------------
 
@@ -204,11 +248,15 @@ class TemplateStore:
             "version": _STATE_VERSION,
             "settings": self.settings.model_dump(),
             "ids": self._ids,
-            "positions": {
-                str(cid): [
-                    [sorted(p.values) if p.values is not None else None, p.prefix] for p in positions
-                ]
-                for cid, positions in self._positions.items()
+            "clusters": {
+                str(cid): {
+                    "template": list(cluster.template),
+                    "positions": {
+                        str(i): [sorted(p.values) if p.values is not None else None, p.prefix]
+                        for i, p in cluster.positions.items()
+                    },
+                }
+                for cid, cluster in self._clusters.items()
             },
         }
         _write_atomic(self._state_dir / self.REFINE_FILE, json.dumps(state).encode("utf-8"))
@@ -229,12 +277,15 @@ class TemplateStore:
             if state.get("version") != _STATE_VERSION:
                 raise ValueError(f"unknown state version {state.get('version')!r}")
             saved = MinerSettings(**state["settings"])
-            positions = {
-                int(cid): [
-                    _Position(set(values) if values is not None else None, prefix)
-                    for values, prefix in entries
-                ]
-                for cid, entries in state["positions"].items()
+            clusters = {
+                int(cid): _Cluster(
+                    tuple(entry["template"]),
+                    {
+                        int(i): _Position(set(values) if values is not None else None, prefix)
+                        for i, (values, prefix) in entry["positions"].items()
+                    },
+                )
+                for cid, entry in state["clusters"].items()
             }
             ids = {str(k): str(v) for k, v in state["ids"].items()}
             self._miner.persistence_handler = _AtomicFile(drain_file)
@@ -248,6 +299,9 @@ class TemplateStore:
                 f"template state in {self._state_dir} was mined with {saved.model_dump()}, "
                 f"not {self.settings.model_dump()}; use the same settings or another state folder"
             )
-        if set(positions) != set(self._miner.drain.id_to_cluster):
+        drained = self._miner.drain.id_to_cluster
+        if set(clusters) != set(drained) or any(
+            c.template != tuple(drained[cid].log_template_tokens) for cid, c in clusters.items()
+        ):
             raise ValueError(f"template state in {self._state_dir}: the two files do not belong together")
-        self._positions, self._ids = positions, ids
+        self._clusters, self._ids = clusters, ids
