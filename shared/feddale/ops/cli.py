@@ -1,4 +1,4 @@
-"""`feddale` command line: simulate, data, up, demo, bench."""
+"""`feddale` command line: simulate, data, up, demo, bench, logs."""
 
 from __future__ import annotations
 
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
     ben.add_argument("--quiet", action="store_true", help="no progress bars")
     ben.set_defaults(func=_bench)
+
+    from feddale.ingest.cli import add_logs_commands  # raw logs of any system (feddale logs ...)
+
+    add_logs_commands(sub)
     return parser
 
 
