@@ -86,4 +86,12 @@ def compile_format(text: str) -> LineFormat:
         pattern = re.compile(source, re.DOTALL)
     except re.error as error:
         raise FormatError(f"line format {text!r} is not a valid pattern: {error}") from None
+    lost = [name for name in fields if name not in pattern.groupindex]
+    if lost:
+        # "[<Thread>]" compiles as a character class and swallows the field: the text between
+        # fields is a regex, as in Loghub's formats, so literal brackets are written "\\[".
+        raise FormatError(
+            f"line format {text!r}: field(s) {lost} end up inside a regex construct; "
+            "escape literal brackets and parentheses (\\[<Pid>\\])"
+        )
     return LineFormat(text, tuple(fields), pattern)

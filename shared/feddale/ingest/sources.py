@@ -147,7 +147,7 @@ def build_source(document: dict[str, Any], where: str = "source") -> Source:
         return Source(**merged)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'source'}: {e['msg'].removeprefix('Value error, ')}"
+            ": ".join(filter(None, (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, "))))
             for e in error.errors()
         )
         raise ValueError(f"{where}: {problems}") from None

@@ -30,6 +30,7 @@ refinement state are written there, so a restart continues with the same ids.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -42,6 +43,9 @@ from drain3.template_miner_config import TemplateMinerConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 from feddale.method.preprocess import WILDCARD
+
+# Drain3 logs each miner's start at INFO; one per source and command is noise on a CLI's stderr.
+logging.getLogger("drain3").setLevel(logging.WARNING)
 
 _EMPTY_BRACKETS = re.compile(r"\(\s*\)|\[\s*\]|\{\s*\}")
 _STATE_VERSION = 1
