@@ -6,6 +6,7 @@ over TLS; one without it refuses the unverifiable certificate and never register
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -75,7 +76,8 @@ def tls_services(tmp_path_factory: pytest.TempPathFactory, redis_server: str, ce
         "FEDDALE_TLS_CERT": cert_file, "FEDDALE_TLS_KEY": key_file,
     }, work / "coordinator.log")
     services = {"coordinator": coordinator_url, "detector": f"https://127.0.0.1:{d_port}",
-                "untrusted": f"http://127.0.0.1:{u_port}", "cert": cert_file, "key": key_file, "work": work}
+                "untrusted": f"http://127.0.0.1:{u_port}", "cert": ssl.create_default_context(cafile=cert_file),
+                "key": key_file, "work": work}
     detectors: list[subprocess.Popen[bytes]] = []
     try:
         assert poll_until(lambda: status(coordinator_url, "/healthz", cert_file) == 200, 120, 0.2), \

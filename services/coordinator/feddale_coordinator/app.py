@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from feddale.method.config import load_config
 from feddale.data.deployment import federation_split
 from feddale.protocol.messages import (
-    SAFE_ID, ClientView, PseudoLabelSummary, RegisterRequest, Registration, RunCreated, RunRequest, RunView,
+    SAFE_ID, ClientView, RegisterRequest, Registration, RunCreated, RunRequest, RunView,
     StudentInfo, StudentInputs, TaskResponse, UploadAccepted,
 )
 from feddale.service.http_common import (
@@ -286,16 +286,16 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
 
     @app.put("/v1/runs/{run_id}/student", response_model=StudentInfo, tags=["student job"],
              openapi_extra=BINARY_BODY)
-    async def put_student(
-        run_id: SafeId, request: Request, pseudo_labels: Annotated[PseudoLabelSummary, Query()],
-    ) -> StudentInfo:
+    async def put_student(run_id: SafeId, request: Request) -> StudentInfo:
         """Publish the run's student artifact (idempotent: a retried job gets the same answer).
 
-        The query names the pseudo-labels it learned from (counts and selection digest).
+        The query (`normal`, `anomalous`, `digest`: a ``PseudoLabelSummary``) names the
+        pseudo-labels it learned from; it is validated after the job token, like the body.
         """
         token = bearer_token(request)
         blob = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
-        return await run_in_threadpool(engine.publish_student, run_id, token, blob, pseudo_labels)
+        query = dict(request.query_params)
+        return await run_in_threadpool(engine.publish_student, run_id, token, blob, query)
 
     return app
 

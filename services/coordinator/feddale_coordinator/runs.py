@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import rq
+from pydantic import ValidationError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
@@ -362,7 +363,7 @@ class RunEngine:
         )
 
     def publish_student(
-        self, run_id: str, token: str, blob: bytes, pseudo_labels: PseudoLabelSummary
+        self, run_id: str, token: str, blob: bytes, query: dict[str, str]
     ) -> StudentInfo:
         """Store and publish the run's student; a retried job's second upload is a no-op."""
         run = self._job_run(run_id, token)
@@ -376,6 +377,10 @@ class RunEngine:
                 artifact = StudentArtifact.from_bytes(blob)
             except ValueError as exc:
                 raise ApiError(422, f"student artifact rejected: {exc}") from exc
+            try:
+                pseudo_labels = PseudoLabelSummary.model_validate(query)
+            except ValidationError as exc:
+                raise ApiError(422, f"the query must name the pseudo-labels (normal, anomalous, digest): {exc}") from exc
             version = artifact.version
             parts = ("students", f"{version}.bin")
             sha = self.artifacts.write(parts, blob)

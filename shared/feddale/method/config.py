@@ -1,5 +1,8 @@
 """Run configuration: one pydantic model shared by the simulator, the services and the benchmarks.
 
+Reading a config imports no torch: every section (teacher, scoring, student, data) is declared here
+and the modules that train or score import their section from this one.
+
 Profiles live as YAML files in the repository's `configs/` folder (`tiny`, `cpu`, `bench`, `paper`); a profile
 name or a file path both resolve through `load_config`, so every entry point speaks the same language.
 """
@@ -11,10 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from feddale.method.student import StudentConfig
-from feddale.method.teacher import ScoreConfig, TeacherTrainConfig
+from feddale.method.preprocess import View
 
 PROFILES = ("tiny", "cpu", "bench", "paper")
 
@@ -33,6 +35,83 @@ RECIPES: dict[str, dict[str, Any]] = {
         "filter": "mean",
     },
 }
+
+
+# bf16 autocast on CPU and CUDA where supported ("auto"), always, or never (fp32).
+Autocast = Literal["auto", "bf16", "off"]
+
+
+class TeacherTrainConfig(BaseModel):
+    """Local teacher training; defaults follow the paper (cosine LR 1e-3 -> 1e-5, batch 16)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    micro_batch: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_min: float = Field(1e-5, ge=0)
+    max_len: int = Field(256, ge=2)
+    seed: int = 0
+    dedup: bool = False
+    max_grad_norm: float = Field(1.0, gt=0)
+    autocast: Autocast = "auto"
+    end_marker: bool = True
+    view: View = "full"
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TeacherTrainConfig:
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
+        return self
+
+
+class ScoreConfig(BaseModel):
+    """How sessions are scored; see the module docstring and docs/models.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(3, ge=1)
+    kind: Literal["mean", "worst_message", "mean_worst", "surprise"] = "mean"
+    max_len: int = Field(1024, ge=2)
+    overlap: int = Field(128, ge=0)
+    micro_batch: int = Field(4, ge=1)
+    autocast: Autocast = "auto"
+    end_marker: bool = True
+    view: View = "full"
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> ScoreConfig:
+        if self.overlap >= self.max_len:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than max_len ({self.max_len})")
+        return self
+
+
+class StudentConfig(BaseModel):
+    """How the student is trained; the defaults are the paper's recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = "builtin:minilm-l6"
+    rank: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(64, ge=1)
+    micro_batch: int = Field(16, ge=1)
+    steps: int = Field(100, ge=1)
+    max_len: int = Field(512, ge=8)
+    view: View = "compact"
+    seed: int = Field(0, ge=0)
+    balance: bool = True
+    autocast: Autocast = "auto"
+    # Export the ONNX bundle the torch-free detector serves (needs the `onnx` extra); off only for
+    # harness runs that never serve the student and would pay the export's seconds per student.
+    onnx: bool = True
+
+    @model_validator(mode="after")
+    def _micro_fits(self) -> StudentConfig:
+        if self.micro_batch > self.batch_size:
+            raise ValueError(f"micro_batch ({self.micro_batch}) must not exceed batch_size ({self.batch_size})")
+        return self
 
 
 class DataConfig(BaseModel):

@@ -29,9 +29,10 @@ from urllib.parse import parse_qsl
 
 import torch
 
+from feddale.method.config import Autocast
+
 Quantization = Literal["auto", "none", "4bit"]
 LoraTask = Literal["causal", "classifier"]
-Autocast = Literal["auto", "bf16", "off"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

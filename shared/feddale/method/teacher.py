@@ -19,68 +19,21 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from feddale.method.models import Autocast, autocast
-from feddale.method.preprocess import SEPARATOR, View, as_view, window, window_spans
+from feddale.method.config import Autocast, ScoreConfig, TeacherTrainConfig
+from feddale.method.models import autocast
+from feddale.method.preprocess import SEPARATOR, as_view, window, window_spans
 
 
 # Largest logits block (elements) materialised at once while scoring: 32M fp32 = 128 MB.
 _LOGIT_BUDGET = 32 * 1024 * 1024
 # Mean token log-probability (nats) at which a message's surprise score reaches 0.
 SURPRISE_SCALE = 10.0
-
-
-class TeacherTrainConfig(BaseModel):
-    """Local teacher training; defaults follow the paper (cosine LR 1e-3 -> 1e-5, batch 16)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(10, ge=1)
-    batch_size: int = Field(16, ge=1)
-    micro_batch: int = Field(2, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    lr_min: float = Field(1e-5, ge=0)
-    max_len: int = Field(256, ge=2)
-    seed: int = 0
-    dedup: bool = False
-    max_grad_norm: float = Field(1.0, gt=0)
-    autocast: Autocast = "auto"
-    end_marker: bool = True
-    view: View = "full"
-
-    @model_validator(mode="after")
-    def _lr_order(self) -> TeacherTrainConfig:
-        if self.lr_min > self.lr:
-            raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
-        return self
-
-
-class ScoreConfig(BaseModel):
-    """How sessions are scored; see the module docstring and docs/models.md."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    top_k: int = Field(3, ge=1)
-    kind: Literal["mean", "worst_message", "mean_worst", "surprise"] = "mean"
-    max_len: int = Field(1024, ge=2)
-    overlap: int = Field(128, ge=0)
-    micro_batch: int = Field(4, ge=1)
-    autocast: Autocast = "auto"
-    end_marker: bool = True
-    view: View = "full"
-
-    @model_validator(mode="after")
-    def _overlap_fits(self) -> ScoreConfig:
-        if self.overlap >= self.max_len:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than max_len ({self.max_len})")
-        return self
 
 
 # --------------------------------------------------------------------------- encoding

@@ -18,13 +18,14 @@ import os
 import random
 import re
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -470,9 +471,13 @@ def check(response: httpx.Response) -> httpx.Response:
     return response
 
 
-def tls_verify() -> Any:
-    """What httpx should verify server certificates with: FEDDALE_TLS_CA when set, else defaults."""
-    return env("FEDDALE_TLS_CA") or True
+def tls_verify() -> ssl.SSLContext | bool:
+    """What httpx verifies server certificates with: a context trusting FEDDALE_TLS_CA, else the defaults.
+
+    A context rather than the CA's path: httpx deprecated ``verify=<path>``.
+    """
+    ca = env("FEDDALE_TLS_CA")
+    return ssl.create_default_context(cafile=ca) if ca else True
 
 
 def http_client(base_url: str, timeout: float = 60.0, **kwargs: Any) -> httpx.Client:

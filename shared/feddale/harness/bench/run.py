@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from feddale.files import atomic_write
 from feddale.harness.bench import cost, quality, report
