@@ -42,12 +42,12 @@ def _check_counts(parser: LineParser, files: list[str]) -> None:
     """Say what was read on stderr; an input with no line, or with no line in the format, is an error."""
     if parser.lines == 0:
         raise ValueError(f"no log lines in {', '.join(files)} (empty input)")
-    print(f"feddale logs: {parser.summary()}", file=sys.stderr)
     if parser.counts["parsed"] == 0:
         raise ValueError(
-            f"no line of {', '.join(files)} matches the format {parser.source.format!r}; "
-            "wrong --preset or --format?"
+            f"no line of {', '.join(files)} matches the format {parser.source.format!r} "
+            f"({parser.summary()}); wrong --preset or --format?"
         )
+    print(f"feddale logs: {parser.summary()}", file=sys.stderr)
 
 
 @contextmanager
