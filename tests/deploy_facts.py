@@ -139,7 +139,7 @@ def service_facts(name: str) -> ServiceFacts:
     own = _python_files(package_dir)
     routes = _get_routes(own)
     if _calls(own, "add_ops_routes"):
-        routes |= _get_routes([CORE / "service" / "http_common.py"])
+        routes |= _get_routes([CORE / "service" / "observability.py"])
     if _calls(own, "add_detect_routes"):
         routes |= _get_routes([CORE / "service" / "serving.py"])
     return ServiceFacts(

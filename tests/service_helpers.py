@@ -21,7 +21,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from feddale.service.http_common import auth_headers, poll_until
+from feddale.service.auth import auth_headers
+from feddale.service.http import poll_until
 from feddale.ops.launcher import free_port, redis_server_binary
 
 ADMIN = "admin-token-for-tests"

@@ -38,7 +38,7 @@ from service_helpers import (  # noqa: F401 - fixtures
 
 from feddale.method import adapters, models
 from feddale.method.adapters import AdapterError
-from feddale.service.http_common import auth_headers
+from feddale.service.auth import auth_headers
 from feddale.method.payload import VERSION, PayloadError, PayloadHeader, decode_scores, encode_scores
 from feddale.service.serving import MAX_BODY_BYTES
 
@@ -356,7 +356,7 @@ def test_job_tokens_are_per_run_and_die_when_the_job_is_reissued(coordinator: Te
 
 
 def wait_until_reissued(r, run_id: str, old_token: str) -> bool:
-    from feddale.service.http_common import poll_until
+    from feddale.service.http import poll_until
 
     def reissued() -> bool:
         try:
@@ -371,7 +371,7 @@ def test_auth_compares_in_constant_time(coordinator: TestClient, monkeypatch: py
     """Every secret check goes through hmac.compare_digest (timing cannot be asserted; the call can)."""
     import hmac
 
-    import feddale.service.http_common as http_common
+    import feddale.service.auth as auth
 
     calls: list[int] = []
     real = hmac.compare_digest
@@ -380,7 +380,7 @@ def test_auth_compares_in_constant_time(coordinator: TestClient, monkeypatch: py
         calls.append(1)
         return real(a, b)
 
-    monkeypatch.setattr(http_common.hmac, "compare_digest", spy)
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
     node = register(coordinator, "node-a")
     for headers, path in [(admin_headers(), "/v1/runs"), (auth_headers(node["token"]), "/v1/tasks"),
                           (auth_headers("c-000.wrong"), "/v1/tasks")]:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from service_helpers import fast_config
 
-from feddale.service.http_common import poll_until
+from feddale.service.http import poll_until
 from feddale.ops.launcher import LocalFederation
 
 pytestmark = pytest.mark.e2e

@@ -43,7 +43,8 @@ from service_helpers import (  # noqa: F401 - fixtures
 )
 
 from feddale.method import adapters
-from feddale.service.http_common import CoordinatorSession, auth_headers, poll_until
+from feddale.service.auth import auth_headers
+from feddale.service.http import CoordinatorSession, poll_until
 from feddale.ops.launcher import LocalFederation
 
 from feddale_coordinator.artifacts import ArtifactStore

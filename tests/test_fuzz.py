@@ -29,7 +29,7 @@ from service_helpers import (  # noqa: F401 - fixtures
     ADMIN, BOOTSTRAP, coordinator_settings, redis_client, redis_server, serve_in_thread,
 )
 
-from feddale.service.http_common import auth_headers
+from feddale.service.auth import auth_headers
 
 EXAMPLES = 20  # per operation and mode
 TIMEOUT_S = 30.0

@@ -44,7 +44,7 @@ def test_core_imports_without_the_web_stack() -> None:
 
 def test_the_block_is_real() -> None:
     """The check above can fail: a service module does need the web stack."""
-    done = run_blocked(WEB_STACK, "import feddale.service.http_common")
+    done = run_blocked(WEB_STACK, "import feddale.service.observability")
     assert done.returncode != 0 and "blocked in this test" in done.stderr
 
 

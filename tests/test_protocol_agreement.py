@@ -20,7 +20,7 @@ from service_helpers import fast_config
 from feddale.harness.simulate import run_federation
 from feddale.method.config import load_config
 from feddale.ops.launcher import LocalFederation
-from feddale.service.http_common import poll_until
+from feddale.service.http import poll_until
 
 pytestmark = pytest.mark.e2e
 

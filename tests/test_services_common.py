@@ -17,10 +17,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from feddale.service.http_common import (
-    Backoff, CoordinatorSession, Metrics, RetryableStatus, add_ops_routes, check, hash_token, read_body,
-    token_matches, with_retries,
-)
+from feddale.service.auth import hash_token, token_matches
+from feddale.service.http import Backoff, CoordinatorSession, RetryableStatus, check, with_retries
+from feddale.service.limits import read_body
+from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.serving import MicroBatcher, ModelSlot, StudentFollower, add_detect_routes, load_student
 from feddale.method.student import StudentConfig, train_student
 

@@ -19,7 +19,8 @@ from service_helpers import (  # noqa: F401 - fixtures
 )
 
 from feddale.method import adapters, models
-from feddale.service.http_common import CoordinatorSession, auth_headers
+from feddale.service.auth import auth_headers
+from feddale.service.http import CoordinatorSession
 from feddale.method.payload import VERSION, PayloadHeader, encode_scores
 from feddale.method.config import RunConfig
 from feddale.protocol.messages import Task, TaskResponse

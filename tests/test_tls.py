@@ -17,7 +17,8 @@ import pytest
 import redis
 from service_helpers import ADMIN, BOOTSTRAP, fast_config, redis_client, redis_server  # noqa: F401 - fixtures
 
-from feddale.service.http_common import auth_headers, poll_until
+from feddale.service.auth import auth_headers
+from feddale.service.http import poll_until
 from feddale.ops.launcher import free_port
 
 pytestmark = pytest.mark.e2e

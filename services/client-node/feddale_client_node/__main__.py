@@ -1,6 +1,7 @@
 """`python -m feddale_client_node`: serve /v1/detect (FEDDALE_PORT, 8002) and run the agent."""
 
-from feddale.service.http_common import serve, setup_logging
+from feddale.service.observability import setup_logging
+from feddale.service.server import serve
 
 from feddale_client_node.app import create_app
 from feddale_client_node.settings import Settings

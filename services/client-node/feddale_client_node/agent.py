@@ -3,7 +3,7 @@
 Private logs stay here. What leaves the node is, per round, either a LoRA adapter (FedAvg
 rounds) or one byte per public session (the distillation round), plus its registration and
 polling; the public set and students only come in. Every call to the coordinator goes through
-:class:`~feddale.service.http_common.CoordinatorSession`, which waits out an absent coordinator with
+:class:`~feddale.service.http.CoordinatorSession`, which waits out an absent coordinator with
 backoff, so the node survives coordinator restarts without losing its place: uploads are
 idempotent, and a round the node already uploaded to is never offered again.
 """
@@ -25,7 +25,8 @@ from feddale.protocol.messages import PublicRef, PublicSetBody, Registration, Ta
 from feddale.data.deployment import federation_split, public_digest
 from feddale.protocol.rounds import Teacher, client_round, load_teacher
 from feddale.files import atomic_write
-from feddale.service.http_common import Backoff, CoordinatorSession, Metrics
+from feddale.service.http import Backoff, CoordinatorSession
+from feddale.service.observability import Metrics
 from feddale.service.serving import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from feddale.service.http_common import CoordinatorSession, Metrics, add_ops_routes
+from feddale.service.http import CoordinatorSession
+from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.serving import MicroBatcher, ModelSlot, add_detect_routes, coordinator_follower
 
 from feddale_client_node.agent import ClientAgent

@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from feddale.service.http_common import DEFAULT_COORDINATOR_URL, env, env_float, env_int, require_env
+from feddale.service.settings import DEFAULT_COORDINATOR_URL, env, env_float, env_int, require_env
 
 
 @dataclass(frozen=True)

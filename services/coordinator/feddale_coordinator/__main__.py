@@ -1,6 +1,7 @@
 """`python -m feddale_coordinator`: serve the coordinator on FEDDALE_HOST:FEDDALE_PORT (8000)."""
 
-from feddale.service.http_common import serve, setup_logging
+from feddale.service.observability import setup_logging
+from feddale.service.server import serve
 
 from feddale_coordinator.app import create_app
 from feddale_coordinator.settings import Settings

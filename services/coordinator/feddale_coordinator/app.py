@@ -34,9 +34,10 @@ from feddale.protocol.messages import (
     SAFE_ID, ClientView, RegisterRequest, Registration, RunCreated, RunRequest, RunView,
     StudentInfo, StudentInputs, TaskResponse, UploadAccepted,
 )
-from feddale.service.http_common import (
-    STUDENT_QUEUE, Metrics, add_ops_routes, bearer_token, limit_bodies, read_body, secret_matches,
-)
+from feddale.service.auth import bearer_token, secret_matches
+from feddale.service.limits import limit_bodies, read_body
+from feddale.service.observability import Metrics, add_ops_routes
+from feddale.service.queue import STUDENT_QUEUE
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.runs import ApiError, PublicSet, RunEngine

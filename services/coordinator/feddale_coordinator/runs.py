@@ -47,7 +47,9 @@ from feddale.protocol.messages import (
     merge_config,
 )
 from feddale.protocol.rounds import NextRound, close_round
-from feddale.service.http_common import STUDENT_JOB, Metrics, hash_token, new_token, token_matches
+from feddale.service.auth import hash_token, new_token, token_matches
+from feddale.service.observability import Metrics
+from feddale.service.queue import STUDENT_JOB
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.store import FINAL, RoundSummary, RunRecord, Store

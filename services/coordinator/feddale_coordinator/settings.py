@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from feddale.service.http_common import DEFAULT_REDIS_URL, env, env_float, env_int, require_env
+from feddale.service.settings import DEFAULT_REDIS_URL, env, env_float, env_int, require_env
 
 
 @dataclass(frozen=True)

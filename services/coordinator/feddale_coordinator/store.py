@@ -21,7 +21,7 @@ import redis
 from pydantic import BaseModel
 
 from feddale.protocol.messages import PseudoLabelSummary
-from feddale.service.http_common import hash_token, new_token, token_matches
+from feddale.service.auth import hash_token, new_token, token_matches
 
 log = logging.getLogger(__name__)
 

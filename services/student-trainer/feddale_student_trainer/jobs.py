@@ -21,9 +21,9 @@ from feddale.data.types import Session
 from feddale.method.config import RunConfig
 from feddale.protocol.messages import StudentInfo, StudentInputs
 from feddale.protocol.rounds import distil, score_matrix
-from feddale.service.http_common import (
-    DEFAULT_COORDINATOR_URL, Backoff, auth_headers, check, env, http_client, with_retries,
-)
+from feddale.service.auth import auth_headers
+from feddale.service.http import Backoff, check, http_client, with_retries
+from feddale.service.settings import DEFAULT_COORDINATOR_URL, env
 
 log = logging.getLogger(__name__)
 

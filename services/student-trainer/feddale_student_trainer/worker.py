@@ -30,9 +30,9 @@ import uvicorn
 from fastapi import FastAPI
 from rq.job import Job
 
-from feddale.service.http_common import (
-    DEFAULT_REDIS_URL, STUDENT_QUEUE, Metrics, add_ops_routes, env, env_int, setup_logging,
-)
+from feddale.service.observability import Metrics, add_ops_routes, setup_logging
+from feddale.service.queue import STUDENT_QUEUE
+from feddale.service.settings import DEFAULT_REDIS_URL, env, env_int
 
 log = logging.getLogger(__name__)
 

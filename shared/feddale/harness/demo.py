@@ -12,8 +12,9 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -21,10 +22,11 @@ import numpy as np
 from feddale.method import metrics
 from feddale.method.config import load_config
 from feddale.data.deployment import federation_split, resolve_source
-from feddale.service.http_common import chunked, poll_until
+from feddale.service.http import poll_until
 from feddale.ops.launcher import LocalFederation
 
 DETECT_BATCH = 32
+T = TypeVar("T")
 
 
 def _progress(admin: httpx.Client, run_id: str, timeout_s: float, every_s: float = 60.0) -> dict[str, Any]:
@@ -155,3 +157,9 @@ def _print_table(view: dict[str, Any], report: dict[str, Any], adapter: int, sec
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     print("-" * (width + 50))
+
+
+def chunked(items: list[T], size: int) -> Iterator[list[T]]:
+    """``items`` in consecutive slices of at most ``size`` (the detector's request size)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from feddale.method.config import load_config
-from feddale.service.http_common import auth_headers, new_token
+from feddale.service.auth import auth_headers, new_token
 
 READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 10.0
