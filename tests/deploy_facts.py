@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICE_NAMES = ("coordinator", "client-node", "student-trainer", "detector")
 CORE = ROOT / "shared" / "feddale"
 
-_ENV_READERS = {"env", "env_int", "env_float", "require_env", "getenv"}
+_ENV_READERS = {"getenv"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,11 @@ def _is_os_environ(node: ast.AST) -> bool:
 
 
 def env_reads(paths: list[Path]) -> dict[str, EnvRead]:
-    """Every FEDDALE_* variable read in ``paths``: env()/env_int()/require_env()/os.environ[...]."""
+    """Every FEDDALE_* variable read directly in ``paths``: os.getenv / os.environ.get / os.environ[...].
+
+    Services read theirs through pydantic-settings classes (:func:`settings_fields`); the core
+    library reads a few (cache, config and data folders) directly.
+    """
     reads: dict[str, EnvRead] = {}
 
     def add(name: str | None, required: bool, default: str | None) -> None:
@@ -86,28 +90,53 @@ def env_reads(paths: list[Path]) -> dict[str, EnvRead]:
                 is_environ_get = fname == "get" and _is_os_environ(getattr(func, "value", None))
                 if fname in _ENV_READERS or is_environ_get:
                     default = _literal(node.args[1]) if len(node.args) > 1 else None
-                    add(_literal(node.args[0]), fname == "require_env", default)
+                    add(_literal(node.args[0]), False, default)
             elif isinstance(node, ast.Subscript) and _is_os_environ(node.value) and isinstance(node.ctx, ast.Load):
                 add(_literal(node.slice), True, None)
     return reads
 
 
+def _settings_classes() -> dict[str, ast.ClassDef]:
+    """Every class in the core and the services, by name (settings classes among them)."""
+    return {
+        node.name: node
+        for path in _python_files(CORE, ROOT / "services")
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+def settings_fields(package_dir: Path) -> dict[str, EnvRead]:
+    """FEDDALE_* variables of the package's pydantic-settings ``Settings`` class, with inherited fields.
+
+    A field ``x`` is read from ``FEDDALE_X``; it is required when it has no default.
+    """
+    classes = _settings_classes()
+    own = [node for path in _python_files(package_dir) for node in ast.parse(path.read_text()).body
+           if isinstance(node, ast.ClassDef) and node.name == "Settings"]
+    if len(own) != 1:
+        raise ValueError(f"{package_dir}: expected one Settings class, found {len(own)}")
+    fields: dict[str, EnvRead] = {}
+
+    def collect(node: ast.ClassDef) -> None:
+        for base in node.bases:
+            if isinstance(base, ast.Name) and base.id in classes:
+                collect(classes[base.id])
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                name = "FEDDALE_" + item.target.id.upper()
+                fields[name] = EnvRead(name, item.value is None, _literal(item.value))
+
+    collect(own[0])
+    return fields
+
+
 def _default_port(package_dir: Path) -> int:
-    """The port a service listens on without FEDDALE_PORT: serve(default_port=N) or env_int(.., N)."""
-    ports = set()
-    for path in _python_files(package_dir):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Call):
-                continue
-            for kw in node.keywords:
-                if kw.arg == "default_port" and isinstance(kw.value, ast.Constant):
-                    ports.add(kw.value.value)
-            fname = getattr(node.func, "id", getattr(node.func, "attr", None))
-            if fname == "env_int" and len(node.args) == 2 and _literal(node.args[0]) == "FEDDALE_PORT":
-                ports.add(int(_literal(node.args[1]) or 0))
-    if len(ports) != 1:
-        raise ValueError(f"{package_dir}: expected one default port in the code, found {sorted(ports)}")
-    return ports.pop()
+    """The port a service listens on without FEDDALE_PORT: its Settings' ``port`` default."""
+    port = settings_fields(package_dir)["FEDDALE_PORT"].default
+    if port is None:
+        raise ValueError(f"{package_dir}: Settings.port has no literal default")
+    return int(port)
 
 
 def _get_routes(paths: list[Path]) -> set[str]:
@@ -146,14 +175,17 @@ def service_facts(name: str) -> ServiceFacts:
         name=name,
         package=package,
         port=_default_port(package_dir),
-        env=env_reads(own + _python_files(CORE)),
+        env={**env_reads(own + _python_files(CORE)), **settings_fields(package_dir)},
         routes=frozenset(routes),
     )
 
 
 def all_env_names() -> set[str]:
     """Every FEDDALE_* variable read anywhere in the core or the services."""
-    return set(env_reads(_python_files(CORE, ROOT / "services")))
+    names = set(env_reads(_python_files(CORE, ROOT / "services")))
+    for name in SERVICE_NAMES:
+        names |= set(service_facts(name).env)
+    return names
 
 
 def url_port(url: str) -> int:

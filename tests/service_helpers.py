@@ -192,8 +192,8 @@ def detector_app_with_tiny_student():
              "Got exception while serving blk_<*> to /<*>:", "writeBlock blk_<*> received exception"]
     cfg = StudentConfig(base="tiny:bert", steps=1, batch_size=4, micro_batch=4, max_len=32)
     blob = train_student(texts, [0, 0, 1, 1], cfg, progress=False).to_bytes()
-    settings = Settings(coordinator_url="http://coordinator", bootstrap_secret=BOOTSTRAP, name="det",
-                        state_dir=None, student_poll_s=3600, max_batch=64, max_wait_ms=1)
+    settings = Settings(coordinator_url="http://coordinator", bootstrap_secret=BOOTSTRAP, node_name="det",
+                        state_dir=None, student_poll_s=3600, batch_sessions=64, batch_wait_ms=1)
     app = create_app(settings, transport=httpx.MockTransport(coordinator))
     app.state.slot.swap(load_student(blob))
     return app

@@ -2,14 +2,16 @@
 
 from feddale.service.observability import setup_logging
 from feddale.service.server import serve
+from feddale.service.settings import load_settings
 
 from feddale_client_node.app import create_app
 from feddale_client_node.settings import Settings
 
 
 def main() -> None:
-    setup_logging("client-node")
-    serve(create_app(Settings.from_env()), default_port=8002)
+    settings = load_settings(Settings)
+    setup_logging("client-node", settings.log_level)
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

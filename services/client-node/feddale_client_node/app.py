@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, transport: httpx.BaseTransport | None = None) -> FastAPI:
     stop = threading.Event()
     session = CoordinatorSession(
-        settings.coordinator_url, settings.bootstrap_secret, settings.name, "client", transport=transport, stop=stop
+        settings.coordinator_url, settings.bootstrap_secret, settings.name, "client", transport=transport, stop=stop,
+        ca=settings.tls_ca,
     )
     metrics = Metrics("feddale_client_node")
     agent = ClientAgent(session, data=settings.data, log_dir=settings.log_dir, state_dir=settings.state_dir,

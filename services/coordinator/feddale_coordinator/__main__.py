@@ -2,14 +2,16 @@
 
 from feddale.service.observability import setup_logging
 from feddale.service.server import serve
+from feddale.service.settings import load_settings
 
 from feddale_coordinator.app import create_app
 from feddale_coordinator.settings import Settings
 
 
 def main() -> None:
-    setup_logging("coordinator")
-    serve(create_app(Settings.from_env()), default_port=8000)
+    settings = load_settings(Settings)
+    setup_logging("coordinator", settings.log_level)
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from feddale.service.settings import DEFAULT_REDIS_URL, env, env_float, env_int, require_env
+from feddale.service.settings import DEFAULT_REDIS_URL, ServiceSettings
 
 
-@dataclass(frozen=True)
-class Settings:
-    redis_url: str
+class Settings(ServiceSettings):
+    port: int = 8000
+    redis_url: str = DEFAULT_REDIS_URL
     admin_token: str
     bootstrap_secret: str
-    artifact_dir: Path
-    config: str
-    data: str | None
-    max_upload_bytes: int
-    client_ttl_s: float
-    tick_s: float
+    artifact_dir: Path = Path("./artifacts")
+    config: str = "tiny"
+    data: str | None = None
+    max_upload_bytes: int = 64 * 1024 * 1024
+    client_ttl_s: float = 60.0
+    tick_s: float = 0.5
     body_timeout_s: float = 30.0
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            redis_url=env("FEDDALE_REDIS_URL", DEFAULT_REDIS_URL) or DEFAULT_REDIS_URL,
-            admin_token=require_env("FEDDALE_ADMIN_TOKEN"),
-            bootstrap_secret=require_env("FEDDALE_BOOTSTRAP_SECRET"),
-            artifact_dir=Path(env("FEDDALE_ARTIFACT_DIR", "./artifacts") or "./artifacts"),
-            config=env("FEDDALE_CONFIG", "tiny") or "tiny",
-            data=env("FEDDALE_DATA"),
-            max_upload_bytes=env_int("FEDDALE_MAX_UPLOAD_BYTES", 64 * 1024 * 1024),
-            client_ttl_s=env_float("FEDDALE_CLIENT_TTL_S", 60.0),
-            tick_s=env_float("FEDDALE_TICK_S", 0.5),
-            body_timeout_s=env_float("FEDDALE_BODY_TIMEOUT_S", 30.0),
-        )

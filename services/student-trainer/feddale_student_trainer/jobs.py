@@ -23,7 +23,9 @@ from feddale.protocol.messages import StudentInfo, StudentInputs
 from feddale.protocol.rounds import distil, score_matrix
 from feddale.service.auth import auth_headers
 from feddale.service.http import Backoff, check, http_client, with_retries
-from feddale.service.settings import DEFAULT_COORDINATOR_URL, env
+from feddale.service.settings import load_settings
+
+from feddale_student_trainer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,10 @@ def train_student_job(
     transport: httpx.BaseTransport | None = None,
 ) -> dict[str, Any]:
     """Train and publish the student of ``run_id`` with :func:`feddale.protocol.rounds.distil`."""
-    url = coordinator_url or env("FEDDALE_COORDINATOR_URL", DEFAULT_COORDINATOR_URL) or DEFAULT_COORDINATOR_URL
+    settings = load_settings(Settings)
     kwargs: dict[str, Any] = {"transport": transport} if transport is not None else {}
     headers = auth_headers(job_token)
-    with http_client(url, timeout=600.0, **kwargs) as http:
+    with http_client(coordinator_url or settings.coordinator_url, timeout=600.0, ca=settings.tls_ca, **kwargs) as http:
         inputs = StudentInputs.model_validate(with_retries(
             lambda: check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json(),
             attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"student inputs of {run_id}",

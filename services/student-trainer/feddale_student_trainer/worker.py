@@ -32,7 +32,9 @@ from rq.job import Job
 
 from feddale.service.observability import Metrics, add_ops_routes, setup_logging
 from feddale.service.queue import STUDENT_QUEUE
-from feddale.service.settings import DEFAULT_REDIS_URL, env, env_int
+from feddale.service.settings import load_settings
+
+from feddale_student_trainer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +99,13 @@ def ops_app(r: redis.Redis, queue: rq.Queue) -> FastAPI:
 
 
 def main() -> None:
-    setup_logging("student-trainer")
-    r = redis.Redis.from_url(env("FEDDALE_REDIS_URL", DEFAULT_REDIS_URL) or DEFAULT_REDIS_URL)
+    settings = load_settings(Settings)
+    setup_logging("student-trainer", settings.log_level)
+    r = redis.Redis.from_url(settings.redis_url)
     queue = rq.Queue(STUDENT_QUEUE, connection=r)
-    heartbeat_s = max(1, env_int("FEDDALE_JOB_HEARTBEAT_S", 10))
+    heartbeat_s = max(1, settings.job_heartbeat_s)
     server = uvicorn.Server(uvicorn.Config(
-        ops_app(r, queue), host=env("FEDDALE_HOST", "127.0.0.1") or "127.0.0.1",
-        port=env_int("FEDDALE_PORT", 8003), log_level="warning", access_log=False,
+        ops_app(r, queue), host=settings.host, port=settings.port, log_level="warning", access_log=False,
     ))
     threading.Thread(target=server.run, name="ops-http", daemon=True).start()
     worker_pid = os.getpid()

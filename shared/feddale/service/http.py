@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import httpx
 
 from feddale.service.auth import auth_headers
-from feddale.service.settings import env
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +94,17 @@ def check(response: httpx.Response) -> httpx.Response:
     return response
 
 
-def tls_verify() -> ssl.SSLContext | bool:
-    """What httpx verifies server certificates with: a context trusting FEDDALE_TLS_CA, else the defaults.
+def tls_verify(ca: str | None) -> ssl.SSLContext | bool:
+    """What httpx verifies server certificates with: a context trusting ``ca`` (FEDDALE_TLS_CA), else the defaults.
 
     A context rather than the CA's path: httpx deprecated ``verify=<path>``.
     """
-    ca = env("FEDDALE_TLS_CA")
     return ssl.create_default_context(cafile=ca) if ca else True
 
 
-def http_client(base_url: str, timeout: float = 60.0, **kwargs: Any) -> httpx.Client:
-    """An httpx client for service-to-service calls (TLS trust from FEDDALE_TLS_CA)."""
-    kwargs.setdefault("verify", tls_verify())
-    return httpx.Client(base_url=base_url, timeout=timeout, **kwargs)
+def http_client(base_url: str, timeout: float = 60.0, *, ca: str | None = None, **kwargs: Any) -> httpx.Client:
+    """An httpx client for service-to-service calls, trusting ``ca`` when given."""
+    return httpx.Client(base_url=base_url, timeout=timeout, verify=tls_verify(ca), **kwargs)
 
 
 class CoordinatorSession:
@@ -128,9 +125,10 @@ class CoordinatorSession:
         transport: httpx.BaseTransport | None = None,
         stop: threading.Event | None = None,
         timeout: float = 120.0,
+        ca: str | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"transport": transport} if transport is not None else {}
-        self.http = http_client(base_url, timeout=timeout, **kwargs)
+        self.http = http_client(base_url, timeout=timeout, ca=ca, **kwargs)
         self.bootstrap_secret, self.name, self.role = bootstrap_secret, name, role
         self.stop = stop or threading.Event()
         self.registration: dict[str, Any] | None = None

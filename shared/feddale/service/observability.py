@@ -19,7 +19,6 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from feddale.service.settings import env
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +179,10 @@ def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def setup_logging(service: str) -> None:
+def setup_logging(service: str, level: str = "INFO") -> None:
     """One log format for every service (the launcher writes them all into one folder)."""
     logging.basicConfig(
-        level=(env("FEDDALE_LOG_LEVEL", "INFO") or "INFO").upper(),
+        level=level.upper(),
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
     )
     if logging.getLogger().level > logging.DEBUG:

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from feddale.service.settings import env, env_int
+from feddale.service.settings import ServiceSettings
 
 
-def serve(app: FastAPI, default_port: int) -> None:
-    """Run ``app`` under uvicorn on FEDDALE_HOST:FEDDALE_PORT, with TLS when cert and key are set."""
+def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    """Run ``app`` under uvicorn on the settings' host and port, with TLS when cert and key are set."""
     import uvicorn
 
-    cert, key = env("FEDDALE_TLS_CERT"), env("FEDDALE_TLS_KEY")
-    if bool(cert) != bool(key):
-        raise SystemExit("FEDDALE_TLS_CERT and FEDDALE_TLS_KEY must be set together")
     uvicorn.run(
         app,
-        host=env("FEDDALE_HOST", "127.0.0.1") or "127.0.0.1",
-        port=env_int("FEDDALE_PORT", default_port),
-        ssl_certfile=cert,
-        ssl_keyfile=key,
-        log_level=(env("FEDDALE_LOG_LEVEL", "info") or "info").lower(),
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+        log_level=settings.log_level.lower(),
         access_log=False,
     )

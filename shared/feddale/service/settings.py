@@ -1,43 +1,68 @@
-"""Environment variables every service reads the same way, and the defaults they share."""
+"""Service settings from the environment (pydantic-settings): one ``FEDDALE_`` prefix everywhere.
+
+Each service declares its settings as a subclass of :class:`ServiceSettings`; a field ``x`` is
+read from ``FEDDALE_X``. Empty values count as unset (compose files leave ``X=``), and a missing
+or malformed variable stops the process at start-up with one line naming it
+(:func:`load_settings`), never with a traceback halfway through a run. docs/services.md lists
+every variable; tests/deploy_facts.py reads these classes to check the docs, compose and k8s.
+"""
 
 from __future__ import annotations
 
-import os
+import socket
+from pathlib import Path
+from typing import TypeVar
 
+from pydantic import ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_COORDINATOR_URL = "http://127.0.0.1:8000"
 
-
-def env(name: str, default: str | None = None) -> str | None:
-    """One environment variable, with empty strings treated as unset (compose files leave `X=`)."""
-    value = os.environ.get(name, "").strip()
-    return value if value else default
+S = TypeVar("S", bound="ServiceSettings")
 
 
-def require_env(name: str) -> str:
-    """An environment variable the service cannot run without; a clear error names it."""
-    value = env(name)
-    if value is None:
-        raise SystemExit(f"{name} must be set (see docs/services.md)")
-    return value
+class ServiceSettings(BaseSettings):
+    """What every service reads: where it listens, how it logs, its TLS files."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDDALE_", env_ignore_empty=True, frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int
+    log_level: str = "INFO"
+    tls_cert: str | None = None  # serve HTTPS with this certificate (and tls_key)
+    tls_key: str | None = None
+    tls_ca: str | None = None  # trust this CA when calling other services
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("FEDDALE_TLS_CERT and FEDDALE_TLS_KEY must be set together")
+        return self
 
 
-def env_int(name: str, default: int) -> int:
-    raw = env(name)
-    if raw is None:
-        return default
+class NodeSettings(ServiceSettings):
+    """A process that registers with the coordinator and follows its students (client node, detector)."""
+
+    coordinator_url: str = DEFAULT_COORDINATOR_URL
+    bootstrap_secret: str
+    node_name: str | None = None  # default: host name and port (stable across restarts)
+    state_dir: Path | None = None
+    student_poll_s: float = 5.0
+
+    @property
+    def name(self) -> str:
+        return self.node_name or f"{socket.gethostname()}-{self.port}"
+
+
+def load_settings(cls: type[S]) -> S:
+    """``cls`` read from the environment; a missing or malformed variable exits with one line naming it."""
     try:
-        return int(raw)
-    except ValueError as exc:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def env_float(name: str, default: float) -> float:
-    raw = env(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+        return cls()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"])
+            where = f"FEDDALE_{field.upper()}: " if field else ""
+            problems.append(where + error["msg"].removeprefix("Value error, "))
+        raise SystemExit(f"bad environment: {'; '.join(problems)} (see docs/services.md)") from None

@@ -1,0 +1,12 @@
+"""Student-trainer settings, read from the environment (documented in docs/services.md)."""
+
+from __future__ import annotations
+
+from feddale.service.settings import DEFAULT_COORDINATOR_URL, DEFAULT_REDIS_URL, ServiceSettings
+
+
+class Settings(ServiceSettings):
+    port: int = 8003  # the worker's ops endpoints (/healthz, /readyz, /metrics)
+    redis_url: str = DEFAULT_REDIS_URL
+    coordinator_url: str = DEFAULT_COORDINATOR_URL  # where jobs read their inputs and publish
+    job_heartbeat_s: int = 10
