@@ -101,6 +101,12 @@ def test_bad_input_is_a_one_line_error(log, tmp_path, capsys):
         capsys, ["logs", "sessions", str(log), "--source", str(source), "--out", str(tmp_path / "s.jsonl")]
     )
     assert "is a folder" in _one_line_error(capsys, ["logs", "parse", str(tmp_path), "--preset", "hdfs"])
+    broken = tmp_path / "broken.log.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    assert "cannot read" in _one_line_error(capsys, ["logs", "parse", str(broken), "--preset", "hdfs"])
+    truncated = tmp_path / "truncated.log.gz"
+    truncated.write_bytes(gzip.compress(log.read_bytes() * 50)[:200])
+    assert "cannot read" in _one_line_error(capsys, ["logs", "parse", str(truncated), "--preset", "hdfs"])
 
 
 def test_a_ten_megabyte_line_is_reported_not_fatal(tmp_path, capsys):

@@ -13,6 +13,7 @@ import gzip
 import io
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def read_lines(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTE
         buffered = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle)  # type: ignore[arg-type]
         try:
             head = buffered.peek(_SNIFF_BYTES)[:_SNIFF_BYTES]
-        except (OSError, EOFError, gzip.BadGzipFile) as error:
+        except (OSError, EOFError, zlib.error) as error:
             raise InputError(f"{name}: cannot read ({error})") from None
         if b"\x00" in head:
             raise InputError(f"{name}: binary data (NUL bytes), not a text log")
@@ -69,7 +70,7 @@ def read_lines(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTE
         while True:
             try:
                 chunk = buffered.readline(max_line_bytes + 1)
-            except (OSError, EOFError, gzip.BadGzipFile) as error:
+            except (OSError, EOFError, zlib.error) as error:
                 raise InputError(f"{name} line {number + 1}: cannot read ({error})") from None
             if not chunk:
                 return
