@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -147,7 +147,10 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(command):  # type: ignore[no-untyped-def]
+Command = Callable[[argparse.Namespace], int]
+
+
+def _guarded(command: Command) -> Command:
     """OS errors other than a missing file (permissions, a full disk, a closed pipe) become
     the one-line errors the main CLI prints, instead of a traceback."""
 

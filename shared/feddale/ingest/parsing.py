@@ -33,6 +33,7 @@ class ParsedLine:
 
     @property
     def content(self) -> str:
+        """The unmasked message (empty for a line that was not parsed)."""
         return self.fields[CONTENT] if self.fields else ""
 
 
@@ -46,13 +47,16 @@ class LineParser:
 
     @property
     def lines(self) -> int:
+        """Lines seen so far, parsed or not."""
         return self.counts["lines"]
 
     @property
     def unparsed(self) -> int:
+        """Lines that could not be used, for any reason."""
         return self.lines - self.counts["parsed"]
 
     def parse(self, raw: RawLine) -> ParsedLine:
+        """Split and mask one line, or say why it cannot be used; counts either way."""
         self.counts["lines"] += 1
         problem = _problem(raw.text)
         fields = None

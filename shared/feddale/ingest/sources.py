@@ -112,14 +112,17 @@ class Source(BaseModel):
 
     @property
     def line_format(self) -> LineFormat:
+        """The compiled ``format``."""
         return self._format
 
     @property
     def mask_patterns(self) -> tuple[re.Pattern[str], ...]:
+        """The compiled ``masks``."""
         return self._masks
 
     @property
     def key_pattern(self) -> re.Pattern[str] | None:
+        """The compiled ``key``, or None for window sessions."""
         return self._key
 
 

@@ -82,6 +82,7 @@ class _Position:
     prefix: str | None = None
 
     def observe(self, token: str, limit: int) -> None:
+        """Count one more token seen here (``limit``: the most words that still name events)."""
         if self.values is not None and WILDCARD not in token and token not in self.values:
             self.values.add(token)
             if len(self.values) > limit:
@@ -118,12 +119,12 @@ class _Cluster:
     def __post_init__(self) -> None:
         self.wildcards = sorted(self.positions)
 
-    def follow(self, template: tuple[str, ...]) -> None:
+    def follow(self, template: tuple[str, ...], limit: int) -> None:
         """Catch up with a template Drain3 just generalised."""
         for index, (old, new) in enumerate(zip(self.template, template)):
             if new == WILDCARD and index not in self.positions:
                 position = self.positions[index] = _Position()
-                position.observe(old, limit=1 << 30)
+                position.observe(old, limit)
         self.template = template
         self.wildcards = sorted(self.positions)
         self.matches.clear()
@@ -209,7 +210,7 @@ class TemplateStore:
                 tuple(template), {i: _Position() for i, t in enumerate(template) if t == WILDCARD}
             )
         elif template != cluster.template:
-            cluster.follow(tuple(template))
+            cluster.follow(tuple(template), self.settings.max_values)
         limit = self.settings.max_values
         for index, position in cluster.positions.items():
             position.observe(tokens[index], limit)
