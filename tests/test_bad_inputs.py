@@ -15,7 +15,6 @@ behalf, replays across clients and runs, and JSON that is deep, huge or not fini
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -30,10 +29,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rq.job import Job
-from service_helpers import (  # noqa: F401 - fixtures
-    detector_app_with_tiny_student,
-    ADMIN, BOOTSTRAP, admin_headers, coordinator, coordinator_settings, redis_client, redis_server, register,
-    serve_in_thread, wait_run,
+from service_helpers import (
+    detector_app_with_tiny_student, ADMIN, BOOTSTRAP, admin_headers, coordinator_settings, register, serve_in_thread, wait_run,
 )
 
 from feddale.method import adapters, models

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from feddale.ops.cli import main
 from feddale.method.config import load_config

@@ -38,9 +38,7 @@ import httpx
 import pytest
 import redis
 from rq.job import Job, JobStatus
-from service_helpers import (  # noqa: F401 - fixtures
-    BOOTSTRAP, admin_headers, coordinator_settings, fast_config, redis_client, redis_server, serve_in_thread,
-)
+from service_helpers import BOOTSTRAP, admin_headers, coordinator_settings, fast_config, serve_in_thread
 
 from feddale.method import adapters
 from feddale.service.auth import auth_headers

@@ -24,9 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
-from service_helpers import (  # noqa: F401 - fixtures
-    detector_app_with_tiny_student,
-    ADMIN, BOOTSTRAP, coordinator_settings, redis_client, redis_server, serve_in_thread,
+from service_helpers import (
+    detector_app_with_tiny_student, ADMIN, BOOTSTRAP, coordinator_settings, serve_in_thread,
 )
 
 from feddale.service.auth import auth_headers

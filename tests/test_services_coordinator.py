@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from rq.job import Job
-from service_helpers import (  # noqa: F401 - fixtures
-    BOOTSTRAP, RecordingTransport, admin_headers, coordinator, redis_client, redis_server, register, wait_run,
-)
+from rq.job import Job, JobStatus
+from service_helpers import BOOTSTRAP, RecordingTransport, admin_headers, register, wait_run
 
 from feddale.method import adapters, models
 from feddale.service.auth import auth_headers
@@ -277,3 +275,53 @@ def test_too_few_clients_fail_the_run_with_the_reason(coordinator: TestClient) -
     view = wait_run(coordinator, run_id, ("failed",), timeout=30)
     assert "min_clients=2" in view["reason"]
     start_run(coordinator, mode="one_shot")  # the failed run no longer blocks new ones
+
+
+# --------------------------------------------------------------------------- failure transitions
+
+
+def test_an_unknown_teacher_is_refused_when_the_run_is_created(coordinator: TestClient) -> None:
+    """The coordinator derives adapter shapes from the teacher's config at creation: no run to fail later."""
+    response = coordinator.post("/v1/runs", json={"mode": "few_shot", "teacher_model": "tiny:no-such-family"},
+                                headers=admin_headers())
+    assert response.status_code == 422 and "tiny:no-such-family" in response.json()["detail"]
+    assert coordinator.get("/v1/runs", headers=admin_headers()).json() == []
+    start_run(coordinator, mode="one_shot")  # nothing was left active
+
+
+def valid_adapter(coordinator: TestClient, run_id: str) -> bytes:
+    view = coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()
+    teacher = load_teacher(RunConfig.model_validate(view["config"]))
+    return adapters.adapter_to_bytes(teacher.initial, models.lora_meta(teacher.model))
+
+
+def test_a_fedavg_that_cannot_read_an_upload_fails_the_run(coordinator: TestClient) -> None:
+    nodes = [register(coordinator, f"node-{i}") for i in range(2)]
+    run_id = start_run(coordinator, mode="few_shot", fedavg_rounds=1, min_clients=2)
+    blob = valid_adapter(coordinator, run_id)
+    url = f"/v1/runs/{run_id}/rounds/1/adapter?samples=5"
+    assert coordinator.put(url, content=blob, headers=auth_headers(nodes[0]["token"])).status_code == 200
+    engine = coordinator.app.state.engine
+    stored = engine.store.uploads(run_id, 1)[nodes[0]["client_id"]]["path"]
+    engine.artifacts.path(*stored).unlink()  # the disk lost it before the round closed
+    assert coordinator.put(url, content=blob, headers=auth_headers(nodes[1]["token"])).status_code == 200
+    view = wait_run(coordinator, run_id, ("failed",), timeout=30)
+    assert view["reason"].startswith("round 1: FedAvg failed")
+    start_run(coordinator, mode="one_shot")
+
+
+@pytest.mark.parametrize("job_status, reason", [
+    (JobStatus.FAILED, "student training failed after retries"),
+    (JobStatus.FINISHED, "student job finished without publishing a student"),
+    (JobStatus.CANCELED, "student job was canceled"),
+])
+def test_a_student_job_that_ends_without_a_student_fails_the_run(
+    coordinator: TestClient, redis_client, job_status: JobStatus, reason: str
+) -> None:
+    node = register(coordinator, "node-0")
+    run_id = start_run(coordinator, mode="one_shot", min_clients=1)
+    assert upload_scores(coordinator, node, run_id) == 200
+    wait_run(coordinator, run_id, ("student_training",), timeout=30)
+    Job.fetch(f"student-{run_id}", connection=redis_client).set_status(job_status)
+    view = wait_run(coordinator, run_id, ("failed",), timeout=30)
+    assert view["reason"].startswith(reason), view["reason"]

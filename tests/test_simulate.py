@@ -56,6 +56,21 @@ def test_cli_reports_bad_config_as_an_error(capsys):
     assert "neither a profile" in capsys.readouterr().err
 
 
+def test_cli_reports_broken_files_in_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("teacher: {steps: [unclosed\n")
+    assert main(["simulate", "--config", str(broken), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("feddale: error: config file") and "not valid YAML" in err and "\n" not in err
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "results"  # a folder below a regular file cannot be created
+    assert main(["simulate", "--config", "tiny", "--quiet", "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("feddale: error:") and "Traceback" not in err
+
+
 def test_otsu_threshold_splits_two_groups():
     scores = np.concatenate([np.full(50, 0.2), np.full(50, 0.9)])
     assert 0.2 < otsu_threshold(scores) <= 0.9

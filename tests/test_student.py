@@ -43,15 +43,6 @@ def masked_text(lines: list[str]) -> str:
     return join_messages(mask(line) for line in lines)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the test machine's cores are shared, oversubscription is slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy():
     rng = random.Random(0)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from feddale.method.detector import Detector
 from feddale.method.student import StudentArtifact, StudentConfig, train_student
@@ -11,14 +10,6 @@ pytestmark = pytest.mark.real
 
 NORMAL = "Receiving block blk_<*> src: /<*> dest: /<*> ;-; PacketResponder <*> for block blk_<*> terminating"
 ANOMALOUS = NORMAL + " ;-; Got exception while serving blk_<*> to /<*>:"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_minilm_student_round_trip(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from service_helpers import ADMIN, BOOTSTRAP, fast_config, redis_client, redis_server  # noqa: F401 - fixtures
+from service_helpers import ADMIN, BOOTSTRAP, fast_config
 
 from feddale.service.auth import auth_headers
 from feddale.service.http import poll_until

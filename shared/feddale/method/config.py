@@ -206,7 +206,10 @@ def load_config(
         raise FileNotFoundError(
             f"config {name_or_path!r} is neither a profile ({', '.join(PROFILES)}) nor an existing file"
         )
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     for dotted, value in {**RECIPES[recipe], **(overrides or {})}.items():

@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing or unwritable file: one line, no traceback
         print(f"feddale: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("feddale: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
