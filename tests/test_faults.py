@@ -70,6 +70,25 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
         yield federation
 
 
+@pytest.fixture
+def settled(fed: LocalFederation) -> LocalFederation:
+    """The shared federation as each test expects it, whatever ran before: every process up, no run active.
+
+    The fault tests share one federation (starting it costs more than most tests); this makes
+    their order irrelevant: a test that failed halfway cannot leave a paused node, a dead
+    service or a run that blocks the next one's ``POST /v1/runs``.
+    """
+    for name in ("client-1", "client-2", "client-3"):
+        if fed.services[name].alive:
+            fed.kill(name, signal.SIGCONT)  # a no-op unless a test left it paused
+    for name in fed.dead():
+        fed.restart(name)
+    store = store_of(fed)
+    assert poll_until(lambda: store.active_run_id() is None, RUN_TIMEOUT_S, 0.5), \
+        f"run {store.active_run_id()} is still active; logs in {fed.work_dir}/logs"
+    return fed
+
+
 def start_run(fed: LocalFederation, **body: object) -> str:
     with fed.admin() as admin:
         created = admin.post("/v1/runs", json=body)
@@ -172,7 +191,8 @@ class DetectLoad:
 
 
 @pytest.mark.e2e
-def test_client_killed_while_training_round_closes_at_deadline_and_the_node_rejoins(fed: LocalFederation) -> None:
+def test_client_killed_while_training_round_closes_at_deadline_and_the_node_rejoins(settled: LocalFederation) -> None:
+    fed = settled
     ids = client_ids(fed)
     assert sorted(ids) == ["client-1", "client-2", "client-3"]
     run_id = start_run(fed, mode="one_shot", min_clients=2, round_deadline_s=30)
@@ -197,7 +217,8 @@ def test_client_killed_while_training_round_closes_at_deadline_and_the_node_rejo
 
 
 @pytest.mark.e2e
-def test_coordinator_killed_mid_round_resumes_the_round_with_its_uploads(fed: LocalFederation) -> None:
+def test_coordinator_killed_mid_round_resumes_the_round_with_its_uploads(settled: LocalFederation) -> None:
+    fed = settled
     ids = client_ids(fed)
     store = store_of(fed)
     # client-2 is paused (alive in the registry, so expected): the round cannot close before
@@ -235,8 +256,9 @@ def test_coordinator_killed_mid_round_resumes_the_round_with_its_uploads(fed: Lo
 
 @pytest.mark.e2e
 def test_student_trainer_killed_mid_job_is_retried_publishes_once_and_the_detector_swaps_under_load(
-    fed: LocalFederation,
+    settled: LocalFederation,
 ) -> None:
+    fed = settled
     store = store_of(fed)
     if store.latest_student() is None:  # run alone: publish a first student to swap away from
         assert finish(fed, start_run(fed, mode="one_shot", min_clients=3))["status"] == "published"
@@ -279,7 +301,8 @@ def test_student_trainer_killed_mid_job_is_retried_publishes_once_and_the_detect
 
 
 @pytest.mark.e2e
-def test_redis_stopped_briefly_services_report_not_ready_and_the_run_recovers(fed: LocalFederation) -> None:
+def test_redis_stopped_briefly_services_report_not_ready_and_the_run_recovers(settled: LocalFederation) -> None:
+    fed = settled
     ids = client_ids(fed)
     trainer = fed.services["student-trainer"].url
     assert trainer is not None
@@ -312,8 +335,11 @@ def test_redis_stopped_briefly_services_report_not_ready_and_the_run_recovers(fe
 
 
 @pytest.mark.e2e
-def test_no_token_or_secret_in_any_log(fed: LocalFederation) -> None:
+def test_no_token_or_secret_in_any_log(settled: LocalFederation) -> None:
+    fed = settled
     store = store_of(fed)
+    if not store.run_ids():  # run alone: make the services log a whole run first
+        assert finish(fed, start_run(fed, mode="one_shot", min_clients=3))["status"] == "published"
     job_tokens = []
     for run_id in store.run_ids():
         try:

@@ -105,5 +105,6 @@ def test_paper_profile_runs_its_own_settings_at_tiny_scale(tmp_path):
 def test_paper_profile_refuses_cpu_4bit_with_a_clear_error(tmp_path, capsys):
     args = ["simulate", "--config", "paper", "--data", "synthetic:900,300", "--seeds", "0", "--quiet",
             "--out", str(tmp_path / "p"), "--set", "teacher_model=tiny:llama", *SMALL]
-    assert main(args) != 0
-    assert "4bit" in capsys.readouterr().err
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("feddale: error:") and "4bit" in err

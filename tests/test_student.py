@@ -143,8 +143,9 @@ def test_student_config_validation():
 def test_sampling_probabilities_balance_classes_and_respect_counts():
     p = sampling_probabilities([0, 0, 0, 1], [1, 1, 2, 5], balance=True)
     torch.testing.assert_close(p, torch.tensor([0.125, 0.125, 0.25, 0.5], dtype=torch.float64))
-    p = sampling_probabilities([0, 0, 0, 1], [1, 1, 2, 4], balance=False)
-    torch.testing.assert_close(p, torch.tensor([0.125, 0.125, 0.25, 0.5], dtype=torch.float64))
+    # Unbalanced classes (4 normal vs 5 anomalous by weight): without balancing, weight alone decides.
+    p = sampling_probabilities([0, 0, 0, 1], [1, 1, 2, 5], balance=False)
+    torch.testing.assert_close(p, torch.tensor([1, 1, 2, 5], dtype=torch.float64) / 9)
 
 
 # ----------------------------------------------------------------------------- artifact
