@@ -150,3 +150,19 @@ def detector_app_with_tiny_student():
     app = create_app(settings, transport=httpx.MockTransport(coordinator))
     app.state.slot.swap(load_student(blob))
     return app
+
+
+def run_to_end(fed, body: dict, timeout: float = 240.0) -> dict:
+    """Start a run on a ``LocalFederation`` through its REST API and poll it to published or failed."""
+    with fed.admin() as admin:
+        created = admin.post("/v1/runs", json=body)
+        assert created.status_code == 201, created.text
+        run_id = created.json()["run_id"]
+        view: dict = {}
+
+        def finished() -> bool:
+            view.update(admin.get(f"/v1/runs/{run_id}").json())
+            return view["status"] in ("published", "failed")
+
+        assert poll_until(finished, timeout, 0.5), f"run stuck in {view.get('status')}; logs: {fed.work_dir}"
+    return view

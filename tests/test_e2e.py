@@ -7,14 +7,13 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from service_helpers import fast_config
+from service_helpers import fast_config, run_to_end
 
 from feddale.service.http import poll_until
 from feddale.ops.launcher import LocalFederation
 
 pytestmark = pytest.mark.e2e
 
-RUN_TIMEOUT_S = 240.0
 SESSIONS = [
     {"id": "normal-looking", "messages": [
         "081109 203615 148 INFO dfs.DataNode$PacketResponder: Received block blk_38865049064139660 of size "
@@ -32,21 +31,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         extra_env={"FEDDALE_STUDENT_POLL_S": "1", "FEDDALE_TICK_S": "0.2", "FEDDALE_LOG_LEVEL": "INFO"},
     ) as fed:
         yield fed
-
-
-def run_to_end(fed: LocalFederation, body: dict) -> dict:
-    with fed.admin() as admin:
-        created = admin.post("/v1/runs", json=body)
-        assert created.status_code == 201, created.text
-        run_id = created.json()["run_id"]
-        view: dict = {}
-
-        def finished() -> bool:
-            view.update(admin.get(f"/v1/runs/{run_id}").json())
-            return view["status"] in ("published", "failed")
-
-        assert poll_until(finished, RUN_TIMEOUT_S, 0.5), f"run stuck in {view.get('status')}; logs: {fed.work_dir}"
-    return view
 
 
 def serving_version(url: str, version: str) -> bool:

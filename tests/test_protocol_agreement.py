@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from service_helpers import fast_config
+from service_helpers import fast_config, run_to_end
 
 from feddale.harness.simulate import run_federation
 from feddale.method.config import load_config
 from feddale.ops.launcher import LocalFederation
-from feddale.service.http import poll_until
 
 pytestmark = pytest.mark.e2e
 
@@ -37,17 +36,8 @@ def test_simulate_and_services_agree(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with LocalFederation(
         CLIENTS, config=str(config), log_dir=tmp_path / "services",
         extra_env={"FEDDALE_TICK_S": "0.2", "OMP_NUM_THREADS": "1"},
-    ) as fed, fed.admin() as admin:
-        created = admin.post("/v1/runs", json={"mode": "few_shot", "fedavg_rounds": FEDAVG_ROUNDS, "seed": seed})
-        assert created.status_code == 201, created.text
-        run_id = created.json()["run_id"]
-        view: dict = {}
-
-        def finished() -> bool:
-            view.update(admin.get(f"/v1/runs/{run_id}").json())
-            return view["status"] in ("published", "failed")
-
-        assert poll_until(finished, 300, 0.5), f"run stuck in {view.get('status')}; logs: {fed.work_dir}"
+    ) as fed:
+        view = run_to_end(fed, {"mode": "few_shot", "fedavg_rounds": FEDAVG_ROUNDS, "seed": seed}, timeout=300)
     assert view["status"] == "published", view.get("reason")
 
     threads = torch.get_num_threads()
