@@ -4,8 +4,12 @@ A detector sees raw production lines, so it masks them itself with the same
 :func:`feddale.method.preprocess.mask` the clients used (masking is idempotent: already masked input
 is unchanged). Sessions longer than the student's ``max_len`` are cut into overlapping windows
 and scored as the max P(anomalous) over their windows: an error event late in a long session
-still raises the alarm. HDFS traffic is highly repetitive, so results are kept in an LRU cache
-keyed by the masked session text.
+still raises the alarm. HDFS traffic is highly repetitive, so identical masked texts in one call
+are scored once and results are kept in an LRU cache keyed by the masked session text.
+
+The model runs on ONNX Runtime (:mod:`feddale.method.onnx_runtime`, fp32 or int8) when the
+artifact carries an ONNX bundle, else on PyTorch (:mod:`feddale.method.torch_runtime`, imported
+only then). This module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -13,24 +17,86 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
-import torch
 
+from feddale.method.artifact import StudentArtifact
+from feddale.method.onnx_runtime import PRECISIONS, Precision
 from feddale.method.preprocess import join_messages, mask, window
-from feddale.method.student import StudentArtifact, TextEncoder, build_model
+
+Runtime = Literal["auto", "onnx", "torch"]
+RUNTIMES: tuple[Runtime, ...] = ("auto", "onnx", "torch")
+
+
+class Backend(Protocol):
+    """What the detector needs from a runtime: tokenize, wrap a window, score padded windows."""
+
+    name: str
+    content_len: int
+
+    @property
+    def device(self) -> str: ...
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def wrap(self, content: Sequence[int]) -> list[int]: ...
+
+    def probs(self, batch: Sequence[Sequence[int]]) -> np.ndarray: ...
+
+
+def load_backend(artifact: StudentArtifact, runtime: Runtime = "auto", precision: Precision = "fp32",
+                 device: str | None = None, cache_dir: Path | None = None) -> Backend:
+    """``auto``: ONNX Runtime when the artifact has a bundle, else torch (int8 needs ONNX).
+
+    ``cache_dir`` keeps the prepared ONNX model files (see :func:`feddale.method.onnx_runtime.prepared_model_file`).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if runtime == "onnx" or (runtime == "auto" and artifact.onnx is not None):
+        from feddale.method.onnx_runtime import OnnxBackend
+
+        return OnnxBackend(artifact, precision, cache_dir)
+    if precision != "fp32":
+        raise ValueError(f"precision {precision!r} needs the onnx runtime; torch serves fp32 only")
+    from feddale.method.torch_runtime import TorchBackend
+
+    return TorchBackend(artifact, device=device)
+
+
+def plan_batches(lengths: Sequence[int], max_windows: int, max_tokens: int) -> list[list[int]]:
+    """Group window indices into batches of similar length.
+
+    Windows are sorted by length, so each batch pads to its own longest window rather than to
+    the longest of the call, and a batch closes when it holds ``max_windows`` windows or
+    when one more would pad past ``max_tokens`` tokens (a long window gets fewer neighbours,
+    which bounds activation memory). Every index appears exactly once.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if current and (len(current) >= max_windows or (len(current) + 1) * lengths[i] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 class Detector:
     """Scores sessions with one student artifact; the model is built once per detector.
 
     ``threshold`` is a probability (default 0.5, the student's own decision boundary), never
-    tuned on labels. ``batch_size`` is how many windows go through the model at once: 8 keeps
-    the activations of a 32-session request small (peak 591 MB resident against 691 MB with 32
-    on the bundled MiniLM student, 2 CPU cores) at no loss of throughput; raise it on a GPU.
-    ``overlap`` is the number of tokens consecutive windows share (default a
-    quarter of a window). Cache counters: every session requested is either a ``hit`` (served
-    without running the model, including repeats inside one call) or a ``miss``.
+    tuned on labels. ``batch_size`` caps how many windows go through the model at once and
+    ``max_batch_tokens`` how many (padded) tokens: together they bound activation memory. The
+    torch default of 8 windows kept a 32-session request at 591 MB resident against 691 MB
+    with 32 (MiniLM student, 2 CPU cores). ``overlap`` is the number of tokens consecutive windows
+    share (default a quarter of a window). Cache counters: every session requested is either a
+    ``hit`` (served without running the model, including repeats inside one call) or a ``miss``.
     """
 
     def __init__(
@@ -39,26 +105,32 @@ class Detector:
         *,
         threshold: float = 0.5,
         batch_size: int = 8,
+        max_batch_tokens: int = 4096,
         cache_size: int = 10_000,
         overlap: int | None = None,
+        runtime: Runtime = "auto",
+        precision: Precision = "fp32",
         device: str | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.artifact = artifact
         self.threshold = float(threshold)
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.cache_size = cache_size
-        self.model, tokenizer = build_model(artifact, device=device)
-        self.device = next(self.model.parameters()).device
-        self.encoder = TextEncoder(tokenizer, artifact.meta.max_len, artifact.meta.view)
-        self.overlap = self.encoder.content_len // 4 if overlap is None else overlap
-        if not 0 <= self.overlap < self.encoder.content_len:
-            raise ValueError(f"overlap must be in [0, {self.encoder.content_len}), got {self.overlap}")
+        self.backend = load_backend(artifact, runtime, precision, device, cache_dir)
+        content_len = self.backend.content_len
+        self.overlap = content_len // 4 if overlap is None else overlap
+        if not 0 <= self.overlap < content_len:
+            raise ValueError(f"overlap must be in [0, {content_len}), got {self.overlap}")
         self.hits = 0
         self.misses = 0
         self._cache: OrderedDict[str, float] = OrderedDict()
@@ -67,6 +139,15 @@ class Detector:
     @property
     def version(self) -> str:
         return self.artifact.version
+
+    @property
+    def runtime(self) -> str:
+        """``onnx-fp32``, ``onnx-int8`` or ``torch``: which model answers."""
+        return f"onnx-{self.backend.precision}" if self.backend.name == "onnx" else self.backend.name
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
 
     def cache_info(self) -> dict[str, int]:
         with self._lock:
@@ -119,22 +200,19 @@ class Detector:
                 raise ValueError(f"session {i}: every log line must be a string, got {type(line).__name__}")
         return join_messages(mask(line) for line in session)
 
-    @torch.inference_mode()
     def _score(self, texts: list[str]) -> np.ndarray:
-        """Max P(anomalous) over each text's windows; windows batched by length to limit padding."""
-        windows: list[tuple[int, list[int]]] = []
-        for t, text in enumerate(texts):
-            ids = self.encoder.ids(text)
-            pieces = window(ids, self.encoder.content_len, self.overlap) or [[]]
-            windows.extend((t, self.encoder.wrap(piece)) for piece in pieces)
-        windows.sort(key=lambda w: len(w[1]))
+        """Max P(anomalous) over each (distinct) text's windows, windows batched by length."""
+        owners: list[int] = []
+        windows: list[list[int]] = []
+        for t, ids in enumerate(self.backend.ids(texts)):
+            for piece in window(ids, self.backend.content_len, self.overlap) or [[]]:
+                owners.append(t)
+                windows.append(self.backend.wrap(piece))
         best = np.zeros(len(texts), dtype=np.float64)
-        for start in range(0, len(windows), self.batch_size):
-            chunk = windows[start : start + self.batch_size]
-            logits = self.model(**self.encoder.pad([ids for _, ids in chunk], self.device)).logits
-            probs = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
-            for (t, _), p in zip(chunk, probs):
-                best[t] = max(best[t], float(p))
+        for batch in plan_batches([len(w) for w in windows], self.batch_size, self.max_batch_tokens):
+            probs = self.backend.probs([windows[i] for i in batch])
+            for i, p in zip(batch, probs):
+                best[owners[i]] = max(best[owners[i]], float(p))
         return best
 
 

@@ -9,94 +9,46 @@ included) because pseudo-labels describe the whole session and the head is where
 sessions differ first; the detector scores every window and takes the max P(anomalous), so a
 late error event is not cut off (see :mod:`feddale.method.detector`).
 
-The artifact is the LoRA matrices plus the classifier head (fp16 safetensors) and a JSON
-description. Its ``digest`` covers the weights and everything needed to rebuild the model
-(base ref, max_len, label map, LoRA config), so a tampered file or header is refused on load.
+The artifact (:mod:`feddale.method.artifact`, torch-free) is the LoRA matrices plus the
+classifier head (fp16 safetensors), a JSON description and the ONNX bundle that
+:func:`train_student` exports last (:mod:`feddale.method.onnx_export`), so the student-trainer
+publishes what the torch-free detector serves without any change of its own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
-import struct
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
 from feddale.method import adapters, models
+from feddale.method.artifact import (  # re-exported: the artifact's historical home
+    FORMAT,
+    HEAD_PREFIX,
+    LABEL_MAP,
+    LORA_PREFIX,
+    META_FILE,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    ArtifactMeta,
+    StudentArtifact,
+    StudentError,
+    content_digest,
+    seal,
+)
+from feddale.method.config import StudentConfig
 from feddale.method.preprocess import View, as_view
 
-WEIGHTS_FILE = "student.safetensors"
-META_FILE = "student.json"
-FORMAT = 1
-LABEL_MAP = {"0": "normal", "1": "anomalous"}
-_BYTES_MAGIC = b"FDSTUDNT"
-_LORA_PREFIX = "lora."
-_HEAD_PREFIX = "head."
-
-
-class StudentError(ValueError):
-    """Bad student training input, or an artifact that is malformed or was tampered with."""
-
-
-class StudentConfig(BaseModel):
-    """How the student is trained; the defaults are the paper's recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base: str = "builtin:minilm-l6"
-    rank: int = Field(8, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(64, ge=1)
-    micro_batch: int = Field(16, ge=1)
-    steps: int = Field(100, ge=1)
-    max_len: int = Field(512, ge=8)
-    view: View = "compact"
-    seed: int = Field(0, ge=0)
-    balance: bool = True
-    autocast: models.Autocast = "auto"
-
-    @model_validator(mode="after")
-    def _micro_fits(self) -> StudentConfig:
-        if self.micro_batch > self.batch_size:
-            raise ValueError(f"micro_batch ({self.micro_batch}) must not exceed batch_size ({self.batch_size})")
-        return self
-
-
-class ArtifactMeta(BaseModel):
-    """The ``student.json`` schema. ``spec()`` is the part that defines the model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal[1] = FORMAT
-    base: str
-    max_len: int = Field(ge=8)
-    view: View = "full"
-    labels: dict[str, str]
-    lora: dict[str, Any]
-    version: str
-    digest: str
-    created: str
-    stats: dict[str, Any]
-
-    def spec(self) -> dict[str, Any]:
-        return self.model_dump(include={"format", "base", "max_len", "view", "labels", "lora"})
-
-
-def content_digest(spec: dict[str, Any], weights: bytes) -> str:
-    """sha256 over the canonical JSON model spec and the safetensors bytes."""
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode("utf-8"))
-    h.update(b"\n")
-    h.update(weights)
-    return h.hexdigest()
+__all__ = [
+    "FORMAT", "LABEL_MAP", "META_FILE", "ONNX_FILE", "WEIGHTS_FILE", "ArtifactMeta", "StudentArtifact",
+    "StudentConfig", "StudentError", "TextEncoder", "build_model", "content_digest", "sampling_probabilities",
+    "train_student",
+]
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -140,87 +92,10 @@ class TextEncoder:
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
-# --------------------------------------------------------------------------- artifact
-
-
-@dataclass(frozen=True, eq=False)
-class StudentArtifact:
-    """Trained student weights (safetensors bytes) and their verified description."""
-
-    weights: bytes
-    meta: ArtifactMeta
-
-    def __post_init__(self) -> None:
-        expected = content_digest(self.meta.spec(), self.weights)
-        if expected != self.meta.digest or self.meta.version != expected[:12]:
-            raise StudentError("student artifact digest mismatch: the weights or model description were modified")
-
-    @property
-    def version(self) -> str:
-        return self.meta.version
-
-    @property
-    def digest(self) -> str:
-        return self.meta.digest
-
-    def meta_json(self) -> str:
-        return json.dumps(self.meta.model_dump(), indent=2, sort_keys=True)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``student.safetensors`` + ``student.json`` into ``directory`` (created if needed)."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, data in ((WEIGHTS_FILE, self.weights), (META_FILE, self.meta_json().encode("utf-8"))):
-            tmp = out / f".{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(out / name)
-        return out
-
-    @classmethod
-    def load(cls, directory: str | Path) -> StudentArtifact:
-        """Read an artifact written by :meth:`save`; refuses it if the digest does not match."""
-        d = Path(directory)
-        for name in (WEIGHTS_FILE, META_FILE):
-            if not (d / name).is_file():
-                raise StudentError(f"{d / name} is missing; not a student artifact directory")
-        return cls(weights=(d / WEIGHTS_FILE).read_bytes(), meta=_parse_meta((d / META_FILE).read_bytes()))
-
-    def to_bytes(self) -> bytes:
-        """One blob for HTTP: magic | u32 JSON length | JSON | safetensors bytes."""
-        head = self.meta_json().encode("utf-8")
-        return _BYTES_MAGIC + struct.pack(">I", len(head)) + head + self.weights
-
-    @classmethod
-    def from_bytes(cls, blob: bytes) -> StudentArtifact:
-        blob = bytes(blob)
-        start = len(_BYTES_MAGIC) + 4
-        if len(blob) < start or not blob.startswith(_BYTES_MAGIC):
-            raise StudentError("not a FedDALE student artifact (wrong magic bytes or too short)")
-        (size,) = struct.unpack(">I", blob[len(_BYTES_MAGIC) : start])
-        if start + size > len(blob):
-            raise StudentError("student artifact truncated inside its JSON header")
-        return cls(weights=blob[start + size :], meta=_parse_meta(blob[start : start + size]))
-
-    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(LoRA state in :mod:`feddale.method.adapters` naming, head state), both fp32."""
-        from safetensors.torch import load
-
-        try:
-            raw = load(self.weights)
-        except Exception as exc:  # safetensors raises several error types for corrupt input
-            raise StudentError(f"student weights are not valid safetensors: {exc}") from None
-        lora = {k.removeprefix(_LORA_PREFIX): v.float() for k, v in raw.items() if k.startswith(_LORA_PREFIX)}
-        head = {k.removeprefix(_HEAD_PREFIX): v.float() for k, v in raw.items() if k.startswith(_HEAD_PREFIX)}
-        if len(lora) + len(head) != len(raw) or not lora or not head:
-            raise StudentError("student weights must hold LoRA ('lora.*') and head ('head.*') tensors only")
-        return lora, head
-
-
-def _parse_meta(data: bytes) -> ArtifactMeta:
-    try:
-        return ArtifactMeta.model_validate_json(data)
-    except ValidationError as exc:
-        raise StudentError(f"invalid student.json: {exc}") from None
+def _torch_tensors(artifact: StudentArtifact) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LoRA state in :mod:`feddale.method.adapters` naming, head state) as fp32 tensors."""
+    lora, head = artifact.numpy_tensors()
+    return {k: torch.from_numpy(v) for k, v in lora.items()}, {k: torch.from_numpy(v) for k, v in head.items()}
 
 
 # --------------------------------------------------------------------------- model <-> weights
@@ -253,8 +128,8 @@ def _load_head_state(peft_model, state: dict[str, torch.Tensor]) -> None:
 def _weights_bytes(peft_model) -> bytes:
     from safetensors.torch import save
 
-    tensors = {_LORA_PREFIX + k: v for k, v in adapters.adapter_state(peft_model).items()}
-    tensors.update({_HEAD_PREFIX + k: p.detach().cpu() for k, p in _head_parameters(peft_model).items()})
+    tensors = {LORA_PREFIX + k: v for k, v in adapters.adapter_state(peft_model).items()}
+    tensors.update({HEAD_PREFIX + k: p.detach().cpu() for k, p in _head_parameters(peft_model).items()})
     wire = {k: v.to(torch.float16).contiguous() for k, v in tensors.items()}
     if not all(bool(torch.isfinite(t).all()) for t in wire.values()):
         raise StudentError("student weights are not finite in fp16; training diverged (lower lr)")
@@ -275,7 +150,7 @@ def build_model(artifact: StudentArtifact, device: str | None = None):
     rebuilt = models.lora_meta(peft_model)
     if rebuilt != lora_cfg:
         raise StudentError(f"this feddale builds LoRA {rebuilt} for {artifact.meta.base}, artifact has {lora_cfg}")
-    lora, head = artifact.tensors()
+    lora, head = _torch_tensors(artifact)
     adapters.load_adapter_state(peft_model, lora)
     _load_head_state(peft_model, head)
     peft_model.eval()
@@ -409,12 +284,9 @@ def train_student(
         "labels": dict(LABEL_MAP),
         "lora": lora_cfg,
     }
-    digest = content_digest(spec, weights_blob)
-    meta = ArtifactMeta(
-        **spec,
-        version=digest[:12],
-        digest=digest,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        stats=stats,
-    )
-    return StudentArtifact(weights=weights_blob, meta=meta)
+    artifact = seal(spec, weights_blob, None, datetime.now(timezone.utc).isoformat(timespec="seconds"), stats)
+    if not cfg.onnx:
+        return artifact
+    from feddale.method.onnx_export import with_onnx
+
+    return with_onnx(artifact)

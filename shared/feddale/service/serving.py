@@ -4,6 +4,9 @@ Three pieces: request/response schemas (strict, so bad input is a 422 and never 
 :class:`ModelSlot` that swaps students atomically (requests keep the model they started with
 while a new one loads), and a :class:`MicroBatcher` that merges concurrent requests into one
 forward pass. :class:`StudentFollower` keeps a slot on the coordinator's latest student.
+
+Nothing here imports torch: a student with an ONNX bundle is served by ONNX Runtime
+(:mod:`feddale.method.onnx_runtime`), so the detector image carries no torch at all.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,12 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from feddale.method.detector import Detector
-from feddale.service.http_common import CoordinatorSession, Metrics, limit_bodies
-from feddale.method.student import StudentArtifact
+from feddale.method.artifact import StudentArtifact
+from feddale.method.detector import Detector, Runtime
+from feddale.method.onnx_runtime import Precision
+from feddale.service.http import CoordinatorSession
+from feddale.service.limits import limit_bodies
+from feddale.service.observability import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,7 @@ class DetectResponse(BaseModel):
 class ModelInfo(BaseModel):
     version: str
     base_model: str
+    runtime: str = Field(description="what answers: onnx-fp32, onnx-int8 or torch")
     published_at: float | None
     loaded_at: float
 
@@ -98,12 +105,26 @@ class ModelSlot:
             self._current = model
 
 
-def load_student(blob: bytes, published_at: float | None = None) -> LoadedModel:
+@dataclass(frozen=True)
+class ServingOptions:
+    """How students are served: runtime (auto = ONNX when the artifact has a bundle), precision,
+    where prepared ONNX models are cached (by artifact digest), and the window batch limits."""
+
+    runtime: Runtime = "auto"
+    precision: Precision = "fp32"
+    cache_dir: Path | None = None
+    batch_size: int = 8
+    max_batch_tokens: int = 4096
+
+
+def load_student(blob: bytes, published_at: float | None = None, options: ServingOptions | None = None) -> LoadedModel:
     """Verify a student artifact and build its detector (the slow part, done off the hot path)."""
+    options = options or ServingOptions()
     artifact = StudentArtifact.from_bytes(blob)
-    detector = Detector(artifact)
-    info = ModelInfo(version=artifact.version, base_model=artifact.meta.base, published_at=published_at,
-                     loaded_at=time.time())
+    detector = Detector(artifact, runtime=options.runtime, precision=options.precision, cache_dir=options.cache_dir,
+                        batch_size=options.batch_size, max_batch_tokens=options.max_batch_tokens)
+    info = ModelInfo(version=artifact.version, base_model=artifact.meta.base, runtime=detector.runtime,
+                     published_at=published_at, loaded_at=time.time())
     return LoadedModel(version=artifact.version, detector=detector, info=info)
 
 
@@ -229,8 +250,9 @@ class StudentFollower:
 
     ``latest`` returns the coordinator's student info (or None before the first one) and
     ``download`` a version's bytes. Loading happens here, in the follower's thread; the slot
-    only changes once the new detector is ready. With ``cache_dir`` downloaded artifacts are
-    kept by version, so a restarted node does not fetch the same student twice.
+    only changes once the new detector is ready. With ``cache_dir`` downloaded artifacts (and
+    their prepared ONNX models, unless ``options`` names another place) are kept by version, so
+    a restarted node does not fetch or convert the same student twice.
     """
 
     def __init__(
@@ -240,9 +262,14 @@ class StudentFollower:
         download: Callable[[str], bytes],
         cache_dir: Path | None = None,
         on_swap: Callable[[LoadedModel], None] | None = None,
+        options: ServingOptions | None = None,
     ) -> None:
         self.slot, self.latest, self.download = slot, latest, download
         self.cache_dir, self.on_swap = cache_dir, on_swap
+        options = options or ServingOptions()
+        if options.cache_dir is None and cache_dir is not None:
+            options = replace(options, cache_dir=cache_dir / "onnx")
+        self.options = options
 
     def poll_once(self) -> bool:
         """Fetch and swap in the latest student if it is new; True when the slot changed."""
@@ -253,7 +280,7 @@ class StudentFollower:
         if current is not None and current.version == info["version"]:
             return False
         try:
-            model = load_student(self._blob(info["version"]), info.get("published_at"))
+            model = load_student(self._blob(info["version"]), info.get("published_at"), self.options)
         except ValueError:
             if self.cache_dir is not None:  # a corrupt cached copy: drop it, download next poll
                 (self.cache_dir / f"student-{info['version']}.bin").unlink(missing_ok=True)
