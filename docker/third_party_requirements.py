@@ -4,7 +4,8 @@ Why: the images install every third-party dependency into one virtual environmen
 is identical for all four services (so the ~1 GB of torch and friends is stored and pulled
 once), and the offline wheelhouse must hold exactly those wheels. Both read the list from the
 packages' pyproject.toml files here, so neither can drift from what the packages declare.
-The project's own packages (feddale, feddale-*) are left out: they are built from source.
+The project's own packages (feddale, feddale-*) are left out: they are built from source,
+also when only one service's file is read (the detector's image installs its own, torch-free set).
 
 Usage: python3 third_party_requirements.py [--extras cuda] PYPROJECT...
 """
@@ -50,10 +51,15 @@ def third_party(pyprojects: list[Path], extras: set[str]) -> list[str]:
     seen: set[str] = set()
     result = []
     for requirement in requirements:
-        if requirement_name(requirement) not in own and requirement not in seen:
+        name = requirement_name(requirement)
+        if name not in own and not _is_feddale(name) and requirement not in seen:
             seen.add(requirement)
             result.append(requirement)
     return result
+
+
+def _is_feddale(name: str) -> bool:
+    return name == "feddale" or name.startswith("feddale-")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,7 +118,17 @@ build_images() {
             || { tail -n 40 "$WORK/build-$s.log" >&2; die "build $s"; }
         log "built feddale/$s:$TAG in $((SECONDS - t0)) s, $(image_size "feddale/$s:$TAG")"
     done
+    check_detector_has_no_torch
     podman images --filter 'reference=feddale/*' >&2
+}
+
+# The detector serves the student on ONNX Runtime; torch or transformers in its image would mean
+# its dependency stage drifted back to the shared one.
+check_detector_has_no_torch() {
+    podman run --rm "feddale/detector:$TAG" python -c \
+        'import importlib.util as u, sys; bad = [m for m in ("torch", "transformers") if u.find_spec(m)]; sys.exit(", ".join(bad))' \
+        || die "the detector image carries torch or transformers"
+    log "feddale/detector:$TAG has no torch and no transformers"
 }
 
 image_size() {

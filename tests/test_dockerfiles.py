@@ -170,6 +170,9 @@ def test_port_user_and_healthcheck(name: str) -> None:
     assert "COPY docker/healthcheck.py /opt/feddale/healthcheck.py" in {f"{w} {a}" for w, a in final}
 
 
+TORCH_IMAGES = [name for name in SERVICE_NAMES if name != "detector"]
+
+
 @pytest.mark.parametrize("name", SERVICE_NAMES)
 def test_multi_stage_on_a_slim_base(name: str) -> None:
     steps = instructions(dockerfile(name))
@@ -177,17 +180,30 @@ def test_multi_stage_on_a_slim_base(name: str) -> None:
     args = dict(a.split("=", 1) for w, a in steps if w == "ARG" and "=" in a)
     assert re.fullmatch(r"python:3\.11-slim-\w+", args["BASE_IMAGE"])
     assert final_stage(dockerfile(name))[0][1] == "${BASE_IMAGE} AS runtime"
-    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu"), "CPU torch unless the CUDA build arg is given"
-    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu" in dockerfile(name).read_text()
+    if name in TORCH_IMAGES:
+        assert args["TORCH_INDEX_URL"].endswith("/whl/cpu"), "CPU torch unless the CUDA build arg is given"
+        assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu" in dockerfile(name).read_text()
 
 
-def test_the_dependency_stages_are_identical_in_all_images() -> None:
+def test_the_dependency_stages_are_identical_in_the_torch_images() -> None:
     """Same text, same layers: the ~1 GB dependency layer is built and pulled once."""
     heads = {name: dockerfile(name).read_text().split("\nARG BASE_IMAGE", 1)[1].split("# --- build", 1)[0]
-             for name in SERVICE_NAMES}
+             for name in TORCH_IMAGES}
     assert len(set(heads.values())) == 1
     for name in SERVICE_NAMES:
-        assert f"COPY services/{name}/pyproject.toml" in heads[name]
+        assert f"COPY services/{name}/pyproject.toml" in heads[TORCH_IMAGES[0]]
+
+
+def test_the_detector_image_installs_no_torch() -> None:
+    """The detector's own dependency set: no torch, transformers or peft, and the core without its deps."""
+    text = dockerfile("detector").read_text()
+    assert "torch==" not in text and "TORCH_INDEX_URL" not in text
+    assert "shared/pyproject.toml" not in text, "the core's (torch) requirements must not be read"
+    requirements = third_party_requirements.third_party([ROOT / "services" / "detector" / "pyproject.toml"], {"int8"})
+    names = {third_party_requirements.requirement_name(r) for r in requirements}
+    assert {"onnxruntime", "tokenizers", "numpy", "safetensors", "onnx"} <= names
+    assert not names & {"torch", "transformers", "peft", "accelerate", "scipy", "scikit-learn", "feddale"}
+    assert re.search(r"pip install --no-compile --no-index --no-deps /dist/\*\.whl", text)
 
 
 def test_every_third_party_requirement_is_pinned() -> None:

@@ -1,14 +1,17 @@
 """`python -m feddale_detector`: serve /v1/detect on FEDDALE_HOST:FEDDALE_PORT (8001)."""
 
-from feddale.service.http_common import serve, setup_logging
+from feddale.service.observability import setup_logging
+from feddale.service.server import serve
+from feddale.service.settings import load_settings
 
 from feddale_detector.app import create_app
 from feddale_detector.settings import Settings
 
 
 def main() -> None:
-    setup_logging("detector")
-    serve(create_app(Settings.from_env()), default_port=8001)
+    settings = load_settings(Settings)
+    setup_logging("detector", settings.log_level)
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A follower thread polls the coordinator and loads each newly published student next to the
 one serving; the swap is atomic, so no request fails or mixes versions during an update.
 The detector registers with the bootstrap secret as role `detector`: its token can read
-students and nothing else.
+students and nothing else. Students run on ONNX Runtime (fp32, or int8 with
+FEDDALE_DETECTOR_PRECISION=int8); this service imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from feddale.service.http_common import CoordinatorSession, Metrics, add_ops_routes
+from feddale.service.http import CoordinatorSession
+from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.serving import MicroBatcher, ModelSlot, add_detect_routes, coordinator_follower
 
 from feddale_detector.settings import Settings
@@ -24,12 +26,13 @@ from feddale_detector.settings import Settings
 def create_app(settings: Settings, transport: httpx.BaseTransport | None = None) -> FastAPI:
     stop = threading.Event()
     session = CoordinatorSession(
-        settings.coordinator_url, settings.bootstrap_secret, settings.name, "detector", transport=transport, stop=stop
+        settings.coordinator_url, settings.bootstrap_secret, settings.name, "detector", transport=transport, stop=stop,
+        ca=settings.tls_ca,
     )
     metrics = Metrics("feddale_detector")
     slot = ModelSlot()
-    batcher = MicroBatcher(slot, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000, metrics=metrics)
-    follower = coordinator_follower(session, slot, cache_dir=settings.state_dir)
+    batcher = MicroBatcher(slot, max_batch=settings.batch_sessions, max_wait_s=settings.batch_wait_ms / 1000, metrics=metrics)
+    follower = coordinator_follower(session, slot, cache_dir=settings.state_dir, options=settings.serving())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
