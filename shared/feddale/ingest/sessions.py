@@ -28,6 +28,38 @@ NO_KEY = "no_key"
 NO_TIME = "no_time"
 
 
+def line_keys(source: Source, line: ParsedLine) -> list[str]:
+    """The distinct session keys a line's Content names under a key source, in order (empty: none).
+
+    Shared by the batch builder here, a client node's store and the detector's open sessions,
+    so a line belongs to the same sessions wherever it is grouped.
+    """
+    pattern = source.key_pattern
+    if pattern is None:
+        raise ValueError(f"source {source.name!r} groups by window, not by key")
+    return list(dict.fromkeys(
+        found.group(1) if pattern.groups else found.group(0) for found in pattern.finditer(line.content)
+    ))
+
+
+def window_id(source: Source, line: ParsedLine, moment: float) -> str:
+    """The id of the window session a line at ``moment`` (seconds, UTC) falls in: ``VALUE@START``."""
+    window = source.window
+    if window is None:
+        raise ValueError(f"source {source.name!r} groups by key, not by window")
+    start = math.floor(moment / window.seconds) * window.seconds
+    when = datetime.fromtimestamp(start, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    if window.by is None:
+        return when
+    return f"{(line.fields or {}).get(window.by, '')}@{when}"
+
+
+def line_time(source: Source, line: ParsedLine) -> float | None:
+    """The line's time from the source's timestamp fields (None: no timestamp, or unreadable)."""
+    stamp = source.timestamp
+    return stamp.parse(line.fields or {}) if stamp is not None else None
+
+
 @dataclass
 class _Open:
     id: str
@@ -72,19 +104,14 @@ class SessionBuilder:
             self._add_by_window(line)
 
     def _time(self, line: ParsedLine) -> float | None:
-        stamp = self.source.timestamp
-        return stamp.parse(line.fields or {}) if stamp is not None else None
+        return line_time(self.source, line)
 
     def _anomalous(self, line: ParsedLine) -> bool:
         name = self.source.label_field
         return name is not None and (line.fields or {}).get(name) != self.source.normal_label
 
     def _add_by_key(self, line: ParsedLine) -> None:
-        pattern = self.source.key_pattern
-        assert pattern is not None
-        keys = dict.fromkeys(
-            found.group(1) if pattern.groups else found.group(0) for found in pattern.finditer(line.content)
-        )
+        keys = line_keys(self.source, line)
         if not keys:
             self.counts[NO_KEY] += 1
             return
@@ -107,16 +134,11 @@ class SessionBuilder:
         self.counts["grouped"] += 1
 
     def _add_by_window(self, line: ParsedLine) -> None:
-        window = self.source.window
-        assert window is not None
         moment = self._time(line)
         if moment is None:
             self.counts[NO_TIME] += 1
             return
-        start = math.floor(moment / window.seconds) * window.seconds
-        when = datetime.fromtimestamp(start, tz=timezone.utc).isoformat().replace("+00:00", "Z")
-        series = (line.fields or {}).get(window.by, "") if window.by else ""
-        session_id = f"{series}@{when}" if window.by else when
+        session_id = window_id(self.source, line, moment)
         session = self._open.get(session_id)
         if session is None:
             session = self._open[session_id] = self._start(session_id)
