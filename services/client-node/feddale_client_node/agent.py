@@ -25,6 +25,7 @@ from feddale.protocol.messages import PublicRef, PublicSetBody, Registration, Ta
 from feddale.data.deployment import federation_split, public_digest
 from feddale.protocol.rounds import Teacher, client_round, load_teacher
 from feddale.files import atomic_write
+from feddale.ingest.node import RawLogs
 from feddale.service.http import Backoff, CoordinatorSession
 from feddale.service.observability import Metrics
 from feddale.service.serving import LoadedModel
@@ -43,8 +44,14 @@ class ClientAgent:
         log_dir: str | None = None,
         state_dir: Path | None = None,
         metrics: Metrics | None = None,
+        sources: str | None = None,
+        sources_poll_s: float = 10.0,
     ) -> None:
         self.session, self.data, self.log_dir, self.state_dir = session, data, log_dir, state_dir
+        # FEDDALE_SOURCES: raw log files this node follows into its own sessions (docs/ingest.md)
+        self.raw = RawLogs.from_file(sources, state_dir) if sources else None
+        self.sources_poll_s = sources_poll_s
+        self._sessions_run: str | None = None  # the run the current sessions were taken for
         self.metrics = metrics or Metrics("feddale_client_node")
         self.sessions: tuple[Session, ...] = ()
         self.status: dict[str, Any] = {"state": "starting"}
@@ -62,6 +69,12 @@ class ClientAgent:
         log.info("client %s ready with %d private sessions", registration.client_id, len(self.sessions))
 
     def _private_sessions(self, registration: Registration) -> tuple[Session, ...]:
+        if self.raw is not None:
+            self.raw.poll()
+            sessions = self.raw.sessions()
+            if not sessions:
+                log.warning("the followed raw logs hold no sessions yet; each run trains on what they hold then")
+            return sessions
         if self.log_dir:
             sessions = load_dataset(self.log_dir).sessions  # any labels in the files are ignored
             if not sessions:
@@ -78,6 +91,8 @@ class ClientAgent:
     def run(self, stop: threading.Event) -> None:
         """Poll for tasks until ``stop``; errors back off and never end the loop."""
         backoff = Backoff(base=1.0, cap=30.0)
+        if self.raw is not None:
+            threading.Thread(target=self.raw.run, args=(stop, self.sources_poll_s), name="raw-logs", daemon=True).start()
         while not stop.is_set():
             try:
                 answer = TaskResponse.model_validate(self.session.request("GET", "/v1/tasks").json())
@@ -97,6 +112,9 @@ class ClientAgent:
     def do_task(self, task: Task) -> None:
         """One round of :func:`feddale.protocol.rounds.client_round`, then its upload."""
         cfg = RunConfig.model_validate(task.config)
+        if self.raw is not None and task.run_id != self._sessions_run:  # each run: what the node holds now
+            self.sessions, self._sessions_run = self.raw.sessions(), task.run_id
+            self.status = {**self.status, "sessions": len(self.sessions), "raw_logs": self.raw.summary()}
         self.status = {**self.status, "state": f"training ({task.kind} round {task.round} of {task.run_id})"}
         model = self._teacher_for(task.run_id, cfg)
         global_adapter = self.session.request("GET", task.global_adapter).content if task.global_adapter else None
