@@ -32,9 +32,13 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+SECRET_TEMPLATE = K8S / "templates" / "secret.yaml"
+
+
 @pytest.fixture(scope="module")
 def manifests() -> list[dict[str, Any]]:
-    docs = [doc for path in sorted(K8S.glob("*.yaml")) for doc in _load(path)]
+    """What `kubectl apply -f k8s/` applies, plus the Secret the operator creates (from its template)."""
+    docs = [doc for path in sorted(K8S.glob("*.yaml")) for doc in _load(path)] + _load(SECRET_TEMPLATE)
     assert docs, "k8s/ holds no manifests"
     return docs
 
@@ -146,6 +150,14 @@ def test_secret_is_a_template_without_real_values(manifests: list[dict[str, Any]
     assert secret["metadata"]["labels"]["feddale.io/secret-template"] == "true"
     others = [d for d in manifests if d is not secret]
     assert not any("feddale.io/secret-template" in d["metadata"].get("labels", {}) for d in others)
+
+
+def test_applying_the_folder_never_overwrites_a_real_secret() -> None:
+    """`kubectl apply -f k8s/` (not recursive) and `-k k8s/` must not carry the placeholder Secret."""
+    applied = [doc for path in sorted(K8S.glob("*.yaml")) for doc in _load(path)]
+    assert not [d for d in applied if d["kind"] == "Secret"]
+    kustomization = yaml.safe_load((K8S / "Kustomization").read_text())
+    assert not any("secret" in resource for resource in kustomization["resources"])
 
 
 def test_coordinator_artifacts_on_its_claim(manifests: list[dict[str, Any]]) -> None:

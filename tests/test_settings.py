@@ -66,3 +66,21 @@ def test_an_unknown_detector_runtime_fails_at_start_up(monkeypatch: pytest.Monke
     monkeypatch.setenv("FEDDALE_PORT", "9001")
     settings = load_settings(DetectorSettings)
     assert settings.detector_runtime == "onnx" and settings.name.endswith("-9001")
+
+
+@pytest.mark.parametrize("value, why", [
+    ("REPLACE-WITH-ADMIN-TOKEN", "is a template placeholder"),
+    ("change-me-please-0123456789", "is a template placeholder"),
+    ("short", "is shorter than 16"),
+])
+def test_placeholder_or_short_secrets_are_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, value: str, why: str
+) -> None:
+    monkeypatch.setenv("FEDDALE_BOOTSTRAP_SECRET", "b" * 32)
+    monkeypatch.setenv("FEDDALE_ADMIN_TOKEN", value)
+    with pytest.raises(SystemExit, match=f"FEDDALE_ADMIN_TOKEN: {why}"):
+        load_settings(CoordinatorSettings)
+    monkeypatch.setenv("FEDDALE_ADMIN_TOKEN", "a" * 32)
+    monkeypatch.setenv("FEDDALE_BOOTSTRAP_SECRET", value)
+    with pytest.raises(SystemExit, match=f"FEDDALE_BOOTSTRAP_SECRET: {why}"):
+        load_settings(DetectorSettings)

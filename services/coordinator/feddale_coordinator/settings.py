@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from feddale.service.settings import DEFAULT_REDIS_URL, ServiceSettings
+from feddale.service.settings import DEFAULT_REDIS_URL, Secret, ServiceSettings
 
 
 class Settings(ServiceSettings):
     port: int = 8000
     redis_url: str = DEFAULT_REDIS_URL
-    admin_token: str
-    bootstrap_secret: str
+    admin_token: Secret
+    bootstrap_secret: Secret
     artifact_dir: Path = Path("./artifacts")
     config: str = "tiny"
     data: str | None = None

@@ -11,15 +11,35 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import ValidationError, model_validator
+from pydantic import AfterValidator, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_COORDINATOR_URL = "http://127.0.0.1:8000"
 
 S = TypeVar("S", bound="ServiceSettings")
+
+MIN_SECRET_CHARS = 16
+# What the shipped templates put where a secret belongs (k8s/templates/secret.yaml, docs examples).
+PLACEHOLDERS = ("replace-with", "change-me", "changeme", "example", "placeholder")
+
+
+def check_secret(value: str) -> str:
+    """A secret must not be a template placeholder and must be long enough not to be guessed.
+
+    A service started with the k8s template's ``REPLACE-WITH-ADMIN-TOKEN`` would accept that
+    published string as its admin token; refusing it at start-up is the only safe answer.
+    """
+    if any(marker in value.lower() for marker in PLACEHOLDERS):
+        raise ValueError("is a template placeholder; generate one, e.g. `openssl rand -hex 32`")
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(f"is shorter than {MIN_SECRET_CHARS} characters; generate one, e.g. `openssl rand -hex 32`")
+    return value
+
+
+Secret = Annotated[str, AfterValidator(check_secret)]
 
 
 class ServiceSettings(BaseSettings):
@@ -45,7 +65,7 @@ class NodeSettings(ServiceSettings):
     """A process that registers with the coordinator and follows its students (client node, detector)."""
 
     coordinator_url: str = DEFAULT_COORDINATOR_URL
-    bootstrap_secret: str
+    bootstrap_secret: Secret
     node_name: str | None = None  # default: host name and port (stable across restarts)
     state_dir: Path | None = None
     student_poll_s: float = 5.0
