@@ -28,7 +28,6 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rq.job import Job
 from service_helpers import (
     detector_app_with_tiny_student, ADMIN, BOOTSTRAP, admin_headers, coordinator_settings, register, serve_in_thread, wait_run,
 )
@@ -38,6 +37,7 @@ from feddale.method.adapters import AdapterError
 from feddale.service.auth import auth_headers
 from feddale.method.payload import VERSION, PayloadError, PayloadHeader, decode_scores, encode_scores
 from feddale.service.serving import MAX_BODY_BYTES
+from feddale.service.queue import fetch_job
 
 from feddale_coordinator.artifacts import ArtifactStore
 
@@ -337,15 +337,15 @@ def test_job_tokens_are_per_run_and_die_when_the_job_is_reissued(coordinator: Te
     run_id = start_run(coordinator, mode="one_shot")
     assert put_scores(coordinator, run_id, node["token"], scores_for(coordinator, run_id, node["client_id"])).status_code == 200
     wait_run(coordinator, run_id, ("student_training",), timeout=30)
-    first = Job.fetch(f"student-{run_id}", connection=redis_client).kwargs["job_token"]
+    first = fetch_job(f"student-{run_id}", redis_client).kwargs["job_token"]
     assert coordinator.get(f"/v1/runs/{run_id}/student-inputs", headers=auth_headers(first)).status_code == 200
     for wrong in (node["token"], ADMIN, first + "x", first[:-1]):
         assert coordinator.get(f"/v1/runs/{run_id}/student-inputs", headers=auth_headers(wrong)).status_code == 401
     assert coordinator.get("/v1/runs/run-other/student-inputs", headers=auth_headers(first)).status_code == 401
 
-    Job.fetch(f"student-{run_id}", connection=redis_client).delete()  # lost: the coordinator re-issues it
+    fetch_job(f"student-{run_id}", redis_client).delete()  # lost: the coordinator re-issues it
     assert wait_until_reissued(redis_client, run_id, first)
-    second = Job.fetch(f"student-{run_id}", connection=redis_client).kwargs["job_token"]
+    second = fetch_job(f"student-{run_id}", redis_client).kwargs["job_token"]
     assert coordinator.get(f"/v1/runs/{run_id}/student-inputs", headers=auth_headers(first)).status_code == 401
     assert coordinator.get(f"/v1/runs/{run_id}/student-inputs", headers=auth_headers(second)).status_code == 200
     assert coordinator.put(f"/v1/runs/{run_id}/student", content=b"not a student",
@@ -357,7 +357,7 @@ def wait_until_reissued(r, run_id: str, old_token: str) -> bool:
 
     def reissued() -> bool:
         try:
-            return Job.fetch(f"student-{run_id}", connection=r).kwargs["job_token"] != old_token
+            return fetch_job(f"student-{run_id}", r).kwargs["job_token"] != old_token
         except Exception:
             return False
 

@@ -37,13 +37,14 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 from service_helpers import BOOTSTRAP, admin_headers, coordinator_settings, fast_config, serve_in_thread
 
 from feddale.method import adapters
 from feddale.service.auth import auth_headers
 from feddale.service.http import CoordinatorSession, poll_until
 from feddale.ops.launcher import LocalFederation
+from feddale.service.queue import fetch_job
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.runs import JOB_RETRIES
@@ -270,7 +271,7 @@ def test_student_trainer_killed_mid_job_is_retried_publishes_once_and_the_detect
 
     def job_status() -> JobStatus | None:
         try:
-            return Job.fetch(f"student-{run_id}", connection=store.r).get_status()
+            return fetch_job(f"student-{run_id}", store.r).get_status()
         except Exception:
             return None
 
@@ -283,7 +284,7 @@ def test_student_trainer_killed_mid_job_is_retried_publishes_once_and_the_detect
         new = view["student_version"]
         assert poll_until(lambda: load.count(new) >= 10, 120), "the detector did not swap to the new student"
 
-    job = Job.fetch(f"student-{run_id}", connection=store.r)
+    job = fetch_job(f"student-{run_id}", store.r)
     assert job.get_status() == JobStatus.FINISHED
     assert job.retries_left == JOB_RETRIES - 1, "the kill did not land mid-job (or it was retried more than once)"
     assert set(store.r.hkeys(P + "students")) - students_before == {new.encode()}, "exactly one new student"
@@ -343,7 +344,7 @@ def test_no_token_or_secret_in_any_log(settled: LocalFederation) -> None:
     job_tokens = []
     for run_id in store.run_ids():
         try:
-            job_tokens.append(Job.fetch(f"student-{run_id}", connection=store.r).kwargs["job_token"])
+            job_tokens.append(fetch_job(f"student-{run_id}", store.r).kwargs["job_token"])
         except Exception:
             continue
     logs = {p.name: p.read_text(errors="replace") for p in (fed.work_dir / "logs").glob("*.log")}

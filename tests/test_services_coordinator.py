@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 from service_helpers import BOOTSTRAP, RecordingTransport, admin_headers, register, wait_run
 
 from feddale.method import adapters, models
@@ -23,6 +23,7 @@ from feddale.method.payload import VERSION, PayloadHeader, encode_scores
 from feddale.method.config import RunConfig
 from feddale.protocol.messages import Task, TaskResponse
 from feddale.protocol.rounds import load_teacher
+from feddale.service.queue import fetch_job
 
 from feddale_client_node.agent import ClientAgent
 from feddale_student_trainer.jobs import train_student_job
@@ -47,7 +48,7 @@ def run_student_job(coordinator: TestClient, redis_client, run_id: str) -> dict:
     """What the RQ worker does, in process: the job's token comes from the enqueued job."""
     run = coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()
     assert run["status"] == "student_training", run
-    job = Job.fetch(f"student-{run_id}", connection=redis_client)
+    job = fetch_job(f"student-{run_id}", redis_client)
     return train_student_job(
         run_id, job.kwargs["job_token"], "http://testserver", transport=RecordingTransport(coordinator._transport)
     )
@@ -322,6 +323,39 @@ def test_a_student_job_that_ends_without_a_student_fails_the_run(
     run_id = start_run(coordinator, mode="one_shot", min_clients=1)
     assert upload_scores(coordinator, node, run_id) == 200
     wait_run(coordinator, run_id, ("student_training",), timeout=30)
-    Job.fetch(f"student-{run_id}", connection=redis_client).set_status(job_status)
+    fetch_job(f"student-{run_id}", redis_client).set_status(job_status)
     view = wait_run(coordinator, run_id, ("failed",), timeout=30)
     assert view["reason"].startswith(reason), view["reason"]
+
+
+def test_a_job_token_expires(coordinator: TestClient, redis_client) -> None:
+    node = register(coordinator, "node-0")
+    run_id = start_run(coordinator, mode="one_shot", min_clients=1)
+    assert upload_scores(coordinator, node, run_id) == 200
+    wait_run(coordinator, run_id, ("student_training",), timeout=30)
+    token = fetch_job(f"student-{run_id}", redis_client).kwargs["job_token"]
+    assert coordinator.get(f"/v1/runs/{run_id}/student-inputs", headers=auth_headers(token)).status_code == 200
+    store = coordinator.app.state.store
+    with store.run_lock(run_id):
+        run = store.run(run_id)
+        run.job_token_expires_at = 0.0
+        store.save_run(run)
+    expired = coordinator.get(f"/v1/runs/{run_id}/student-inputs", headers=auth_headers(token))
+    assert expired.status_code == 401 and "expired" in expired.json()["detail"]
+
+
+def test_a_pickled_job_pushed_into_redis_does_not_run(redis_client, tmp_path: Path) -> None:
+    """The trainer's queue speaks JSON: a pickle-serialized job (code, to RQ's default) never executes."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from feddale.service.queue import STUDENT_QUEUE, student_queue
+    from feddale_student_trainer.worker import StudentWorker
+
+    marker = tmp_path / "the-pickled-job-ran"
+    Queue(STUDENT_QUEUE, connection=redis_client).enqueue("os.mkdir", str(marker))  # RQ's default: pickle
+    queue = student_queue(redis_client)
+    worker = StudentWorker([queue], connection=redis_client, serializer=JSONSerializer)
+    worker.work(burst=True)
+    assert not marker.exists()
+    assert len(queue) == 0  # taken off the queue, not left to be retried forever

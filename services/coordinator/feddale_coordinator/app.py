@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis
-import rq
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +36,7 @@ from feddale.protocol.messages import (
 from feddale.service.auth import bearer_token, secret_matches
 from feddale.service.limits import limit_bodies, read_body
 from feddale.service.observability import Metrics, add_ops_routes
-from feddale.service.queue import STUDENT_QUEUE
+from feddale.service.queue import student_queue
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.runs import ApiError, PublicSet, RunEngine
@@ -77,7 +76,7 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
     metrics = Metrics("feddale_coordinator")
     cfg, public = _public_set(settings, artifacts)
     engine = RunEngine(
-        store, artifacts, cfg, public, rq.Queue(STUDENT_QUEUE, connection=r), metrics,
+        store, artifacts, cfg, public, student_queue(r), metrics,
         client_ttl_s=settings.client_ttl_s, max_upload_bytes=settings.max_upload_bytes,
     )
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import rq
 from pydantic import ValidationError
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 
 from feddale.data.deployment import public_digest
@@ -49,7 +49,7 @@ from feddale.protocol.messages import (
 from feddale.protocol.rounds import NextRound, close_round
 from feddale.service.auth import hash_token, new_token, token_matches
 from feddale.service.observability import Metrics
-from feddale.service.queue import STUDENT_JOB
+from feddale.service.queue import STUDENT_JOB, fetch_job
 
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.store import FINAL, RoundSummary, RunRecord, Store
@@ -212,6 +212,8 @@ class RunEngine:
         """
         token = new_token()
         run.job_id, run.job_token_hash = f"student-{run.run_id}", hash_token(token)
+        # Valid for this run only, and only as long as the job and its retries may run.
+        run.job_token_expires_at = time.time() + (JOB_RETRIES + 1) * JOB_TIMEOUT_S
         self.store.save_run(run)
         self.queue.enqueue(
             STUDENT_JOB,
@@ -227,7 +229,7 @@ class RunEngine:
 
     def _check_job(self, run: RunRecord) -> None:
         try:
-            job = Job.fetch(run.job_id or "", connection=self.queue.connection)
+            job = fetch_job(run.job_id or "", connection=self.queue.connection)
         except NoSuchJobError:
             log.warning("run %s: student job missing; enqueueing it again", run.run_id)
             self._enqueue_student(run)
@@ -349,6 +351,8 @@ class RunEngine:
         run = self.store.run(run_id)
         if run is None or not run.job_token_hash or not token_matches(token, run.job_token_hash):
             raise ApiError(401, "invalid job token for this run")
+        if run.job_token_expires_at is not None and time.time() > run.job_token_expires_at:
+            raise ApiError(401, "the job token of this run has expired")
         return run
 
     def student_inputs(self, run_id: str, token: str) -> StudentInputs:

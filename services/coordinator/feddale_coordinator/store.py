@@ -68,6 +68,7 @@ class RunRecord(BaseModel):
     student_version: str | None = None
     job_id: str | None = None
     job_token_hash: str | None = None
+    job_token_expires_at: float | None = None
     pseudo_labels: PseudoLabelSummary | None = None
     adapter_shapes: dict[str, list[int]] | None = None  # few-shot: what every uploaded adapter must match
     history: list[RoundSummary] = []

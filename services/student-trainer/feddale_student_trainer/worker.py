@@ -29,9 +29,10 @@ import rq
 import uvicorn
 from fastapi import FastAPI
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from feddale.service.observability import Metrics, add_ops_routes, setup_logging
-from feddale.service.queue import STUDENT_QUEUE
+from feddale.service.queue import student_queue
 from feddale.service.settings import load_settings
 
 from feddale_student_trainer.settings import Settings
@@ -102,7 +103,7 @@ def main() -> None:
     settings = load_settings(Settings)
     setup_logging("student-trainer", settings.log_level)
     r = redis.Redis.from_url(settings.redis_url)
-    queue = rq.Queue(STUDENT_QUEUE, connection=r)
+    queue = student_queue(r)
     heartbeat_s = max(1, settings.job_heartbeat_s)
     server = uvicorn.Server(uvicorn.Config(
         ops_app(r, queue), host=settings.host, port=settings.port, log_level="warning", access_log=False,
@@ -114,7 +115,8 @@ def main() -> None:
         while True:
             worker = None
             try:
-                worker = StudentWorker([queue], connection=r, job_monitoring_interval=heartbeat_s)
+                worker = StudentWorker([queue], connection=r, serializer=JSONSerializer,
+                                       job_monitoring_interval=heartbeat_s)
                 worker.work()
             except redis.ConnectionError as exc:  # Redis away: wait for it instead of dying
                 log.warning("Redis unavailable (%s); retrying in 2 s", exc)
