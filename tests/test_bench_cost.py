@@ -20,7 +20,8 @@ LINES = (
     "Received block blk_{b} of size 67108864 from /10.251.42.{x}",
     "Got exception while serving blk_{b} to /10.251.71.{x}:",
 )
-# One layer each: the cost of this test is process start-up and model loading, four workers' worth.
+# One layer each: the cost of this test is process start-up and model loading, six workers' worth
+# (baseline, the student on torch, ONNX fp32 and ONNX int8, the cached stream, the teacher).
 TEACHER = "tiny:llama?seed=0&layers=1"
 N_STUDENT, N_TEACHER, STREAM, REPEATS = 5, 2, 24, 2
 
@@ -55,6 +56,10 @@ def adapter_file(tmp_path_factory):
     return path
 
 
+def label(session: list[str]) -> int:
+    return int("exception" in session_text(session))
+
+
 @pytest.fixture(scope="module")
 def table(data, student_dir, adapter_file):
     pool, public = data
@@ -70,15 +75,17 @@ def table(data, student_dir, adapter_file):
         stream_length=STREAM,
         repeats=REPEATS,
         batch_size=4,
+        labeled=[(s, label(s)) for s in pool[:12]],
         progress=False,
     )
 
 
 ROWS = ("student", "teacher", "student_cached_stream")
+RUNTIMES = ("torch-fp32", "onnx-fp32", "onnx-int8")
 
 
 def test_table_has_every_row(table):
-    assert set(table) == {*ROWS, "ratio", "machine", "setup"}
+    assert set(table) == {*ROWS, "student_runtimes", "runtime_ratios", "ratio", "machine", "setup"}
     assert table["student"]["detector"] == table["student_cached_stream"]["detector"] == "student"
     assert table["teacher"]["detector"] == "teacher"
     assert table["setup"]["student_sessions"] == table["student"]["sessions"] == N_STUDENT
@@ -115,11 +122,46 @@ def test_memory_is_measured_in_a_separate_process_per_row(table):
     pids = {table[row]["pid"] for row in ROWS}
     assert len(pids) == len(ROWS) and os.getpid() not in pids
     baseline = table["machine"]["baseline_python_torch_rss_mb"]
-    for row in ROWS:
+    for row in ("student", "teacher"):
         assert table[row]["peak_rss_mb"] >= table[row]["rss_after_load_mb"] > 0
         assert table[row]["peak_rss_mb"] > baseline > 0
         assert table[row]["torch_threads"] >= 1
+    assert table["student_cached_stream"]["runtime"] == "onnx-fp32"  # as the detector service serves it
     assert table["machine"]["torch_threads"] >= 1
+
+
+def test_each_student_runtime_runs_in_its_own_process_on_the_same_sessions(table):
+    rows = table["student_runtimes"]
+    assert tuple(rows) == RUNTIMES and table["student"] == rows["torch-fp32"]
+    assert len({row["pid"] for row in rows.values()} | {table["teacher"]["pid"]}) == len(RUNTIMES) + 1
+    for name, row in rows.items():
+        assert row["runtime"] == name.replace("torch-fp32", "torch")
+        assert row["sessions"] == N_STUDENT and row["batch1"]["calls"] == REPEATS * N_STUDENT
+        assert row["cache_hits"] == 0 and row["peak_rss_mb"] >= row["rss_after_load_mb"] > 0
+        assert row["torch_loaded"] is (name == "torch-fp32"), "the ONNX rows must not import torch"
+
+
+def test_each_runtime_reports_f1_and_the_ratios_against_torch(table):
+    rows, ratios = table["student_runtimes"], table["runtime_ratios"]
+    assert table["setup"]["labeled_sessions"] == 12
+    for row in rows.values():
+        assert row["test"]["sessions"] == 12 and 0 <= row["test"]["f1"] <= 1
+    # fp32 ONNX is the same model as torch: same decisions on the same sessions
+    assert rows["onnx-fp32"]["test"]["f1"] == rows["torch-fp32"]["test"]["f1"]
+    assert set(ratios) == {"onnx-fp32", "onnx-int8", "targets"}
+    for name in ("onnx-fp32", "onnx-int8"):
+        assert ratios[name]["throughput_x"] > 0 and ratios[name]["p50_fraction"] > 0
+        assert isinstance(ratios[name]["f1_met"], bool) and isinstance(ratios[name]["rss_met"], bool)
+    assert ratios["onnx-fp32"]["f1_minus_torch"] == 0
+    assert "int8_f1_met" in ratios["onnx-int8"]
+
+
+def test_runtimes_are_checked_before_any_worker_starts(tmp_path, student_dir, data):
+    pool, public = data
+    with pytest.raises(ValueError, match="runtimes"):
+        measure_cost(student_dir, TEACHER, None, ScoreConfig(), pool, public, runtimes=["tensorrt"], progress=False)
+    with pytest.raises(ValueError, match="label"):
+        measure_cost(student_dir, TEACHER, None, ScoreConfig(), pool, public, labeled=[(pool[0], 2)], progress=False)
 
 
 def test_ratio_compares_the_same_sessions_and_records_the_adapter(table, adapter_file):
@@ -168,3 +210,6 @@ def test_report_shows_every_measured_row_and_the_cache_separately(table, tmp_pat
     cache_row = next(line for line in section.splitlines() if line.startswith("| student with its LRU cache"))
     assert f"{table['student_cached_stream']['hit_rate']:.2f}" in cache_row
     assert f"{table['ratio']['speedup_p50']}×" in section
+    for name in RUNTIMES:
+        assert any(line.startswith(f"| {name} |") for line in section.splitlines())
+    assert "- onnx-int8: throughput ≥ 4×" in section

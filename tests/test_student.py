@@ -154,7 +154,7 @@ def test_sampling_probabilities_balance_classes_and_respect_counts():
 def test_save_load_gives_identical_predictions(artifact, toy, tmp_path):
     _, _, test, _ = toy
     path = artifact.save(tmp_path / "student")
-    assert sorted(p.name for p in path.iterdir()) == ["student.json", "student.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["student.json", "student.onnx.bundle", "student.safetensors"]
     meta = json.loads((path / "student.json").read_text())
     assert meta["version"] == artifact.version and meta["labels"] == {"0": "normal", "1": "anomalous"}
     loaded = StudentArtifact.load(path)
@@ -245,8 +245,8 @@ def test_late_anomaly_in_a_long_session_is_found(detector):
     rng = random.Random(7)
     long_normal = raw_session(rng, anomalous=False, length=40)
     late_error = long_normal + [ERROR_LINE.format(b=123456789012345678, x=7)]
-    enc = detector.encoder
-    assert len(enc.ids(masked_text(late_error))) > 3 * enc.content_len  # several windows
+    backend = detector.backend
+    assert len(backend.ids([masked_text(late_error)])[0]) > 3 * backend.content_len  # several windows
     p_normal, p_late = detector.predict_proba([long_normal, late_error])
     assert p_late > 0.5 > p_normal
 
@@ -281,8 +281,8 @@ def test_detector_argument_errors(artifact, kwargs, message):
         Detector(artifact, **kwargs)
 
 
-def test_text_encoder_wraps_windows_like_the_tokenizer(detector):
-    enc = detector.encoder
+def test_text_encoder_wraps_windows_like_the_tokenizer(artifact):
+    enc = Detector(artifact, runtime="torch").backend.encoder
     text = masked_text(["Receiving block blk_1 src: /1.2.3.4:5 dest: /1.2.3.4:6"])
     assert enc.wrap(enc.ids(text)) == enc.tokenizer(text)["input_ids"]
     head, cut = enc.head(text * 30)

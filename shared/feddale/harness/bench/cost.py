@@ -16,11 +16,19 @@ over from the parent across fork and exec, so in a child of a large process (a t
 holding models) it shows the parent's size rather than the worker's.
 
 The raw rows see each session text once (student cache off, distinct texts), so they time the
-models. The detector's LRU cache on a repetitive stream, drawn with repetition from the same
-pool as production HDFS traffic is, is a separate row. No label is read anywhere.
+models. The student is measured three times, each in its own fresh process on the same
+sessions: on PyTorch (``torch-fp32``, the reference), on ONNX Runtime (``onnx-fp32``) and on
+ONNX Runtime with dynamically quantized int8 weights (``onnx-int8``); :func:`runtime_ratios`
+compares the two ONNX rows with the torch one. The detector's LRU cache on a repetitive stream,
+drawn with repetition from the same pool as production HDFS traffic is, is a separate row.
+
+Labels are read only to report each student runtime's F1 on a held-out labelled split
+(``labeled``): the worker returns P(anomalous) per session and the parent scores it at the
+detector's fixed 0.5 threshold, so no threshold is tuned on those labels.
 
 Imports that load torch, transformers or model code happen inside the workers so that the
-baseline worker measures a bare ``import torch`` and nothing more.
+baseline worker measures a bare ``import torch`` and nothing more, and the ONNX workers never
+import torch at all.
 """
 
 from __future__ import annotations
@@ -53,6 +61,16 @@ Detect = Callable[[Sessions], object]
 
 TARGET_SPEEDUP = 20.0  # the issue's target: student >= 20x faster per session than teacher scoring
 TARGET_STUDENT_RSS_MB = 500.0  # the issue's target: student detector process <= 500 MB resident
+# issue 18 (the torch-free detector), against the torch student measured in the same run:
+TARGET_ONNX_THROUGHPUT = 4.0  # uncached sessions/s in 32-session requests >= 4x
+TARGET_ONNX_P50 = 0.5  # batch-1 p50 <= half
+TARGET_ONNX_RSS_MB = 250.0  # peak resident memory
+TARGET_F1_LOSS = 0.005  # int8 against fp32 (and any ONNX row against torch) on the held-out split
+STUDENT_RUNTIMES = {  # row name -> (runtime, precision) of feddale.method.detector.Detector
+    "torch-fp32": ("torch", "fp32"),
+    "onnx-fp32": ("onnx", "fp32"),
+    "onnx-int8": ("onnx", "int8"),
+}
 WARMUP_CALLS = 2  # untimed batch-1 calls first: the first forward pass pays one-off allocation costs
 
 RSS_NOTE = (
@@ -143,6 +161,8 @@ def measure_cost(
     repeats: int = 3,
     batch_size: int = 32,
     seed: int = 0,
+    labeled: Sequence[tuple[Sequence[str], int]] | None = None,
+    runtimes: Sequence[str] = tuple(STUDENT_RUNTIMES),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Measure the detection-cost table; returns a JSON-ready dict.
@@ -155,9 +175,11 @@ def measure_cost(
     ``sessions``. ``repeats`` timed passes are pooled for latencies; the batched rate (requests
     of ``batch_size`` sessions) is the median pass. ``teacher_adapter`` is a safetensors file
     from :func:`feddale.method.adapters.adapter_to_bytes`; ``None`` times a fresh, untrained LoRA,
-    which costs the same (an adapter changes weights, not shapes).
+    which costs the same (an adapter changes weights, not shapes). ``runtimes`` names the student
+    rows (keys of :data:`STUDENT_RUNTIMES`; the ONNX ones need an artifact with an ONNX bundle);
+    ``labeled`` (sessions with their labels) adds each row's F1 at threshold 0.5.
     """
-    from feddale.method.student import StudentArtifact
+    from feddale.method.artifact import StudentArtifact
 
     pool = check_sessions(sessions, "sessions")
     public = check_sessions(public_sample, "public_sample")
@@ -166,7 +188,13 @@ def measure_cost(
     )
     if n_teacher > n_student:
         raise ValueError(f"n_teacher ({n_teacher}) must not exceed n_student ({n_student}): the teacher times a subset")
-    StudentArtifact.load(student_dir)  # fail here, not in a worker, on a wrong or tampered directory
+    unknown = set(runtimes) - set(STUDENT_RUNTIMES)
+    if unknown or not runtimes:
+        raise ValueError(f"runtimes must be a non-empty subset of {list(STUDENT_RUNTIMES)}, got {list(runtimes)}")
+    artifact = StudentArtifact.load(student_dir)  # fail here, not in a worker, on a wrong or tampered directory
+    if artifact.onnx is None and any(STUDENT_RUNTIMES[r][0] == "onnx" for r in runtimes):
+        raise ValueError(f"{student_dir} has no ONNX bundle; measure runtimes=['torch-fp32'] or retrain it")
+    eval_sessions, eval_labels = _check_labeled(labeled)
     if teacher_adapter is not None and not Path(teacher_adapter).is_file():
         raise FileNotFoundError(f"teacher adapter {teacher_adapter} does not exist")
 
@@ -184,8 +212,16 @@ def measure_cost(
         timing = {"repeats": repeats, "batch_size": batch_size}
         baseline = run({"role": "baseline"})
         student_job = {"student_dir": str(student_dir)}
-        student = run({**student_job, "role": "student", "sessions": measured, "compare": len(compared), **timing})
-        cached = run({**student_job, "role": "student_stream", "sessions": stream})
+        variants = {}
+        for name in runtimes:
+            runtime, precision = STUDENT_RUNTIMES[name]
+            row = run({**student_job, "role": "student", "name": name, "runtime": runtime, "precision": precision,
+                       "sessions": measured, "compare": len(compared), "eval": eval_sessions, **timing})
+            probs = row.pop("eval_probs")
+            if eval_labels:
+                row["test"] = binary_quality(eval_labels, probs)
+            variants[name] = row
+        cached = run({**student_job, "role": "student_stream", "runtime": "auto", "sessions": stream})
         teacher = run(
             {
                 "role": "teacher",
@@ -198,8 +234,11 @@ def measure_cost(
                 **timing,
             }
         )
+    student = variants[runtimes[0]]
     return {
         "student": student,
+        "student_runtimes": variants,
+        "runtime_ratios": runtime_ratios(variants),
         "teacher": teacher,
         "student_cached_stream": cached,
         "ratio": ratio_row(student, teacher),
@@ -207,6 +246,7 @@ def measure_cost(
         "setup": {
             "pool_sessions": len(pool),
             "student_sessions": len(measured),
+            "labeled_sessions": len(eval_sessions),
             "teacher_sessions": len(compared),
             "public_sessions": len(public),
             "stream_sessions": len(stream),
@@ -241,6 +281,64 @@ def ratio_row(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any
         "student_rss_met": bool(student["peak_rss_mb"] <= TARGET_STUDENT_RSS_MB),
         "student_rss_met_batch1": bool(student["peak_rss_batch1_mb"] <= TARGET_STUDENT_RSS_MB),
     }
+
+
+def runtime_ratios(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each ONNX row against the torch row of the same run, and whether issue 18's targets hold.
+
+    Throughput is the uncached rate in ``batch_size``-session requests over all measured
+    sessions; p50 the batch-1 median; F1 (when measured) on the labelled held-out split, int8
+    also against ONNX fp32.
+    """
+    if "torch-fp32" not in variants:
+        return {}
+    ref = variants["torch-fp32"]
+    out: dict[str, Any] = {}
+    for name, row in variants.items():
+        if name == "torch-fp32":
+            continue
+        throughput = row["batched"]["sessions_per_s"] / ref["batched"]["sessions_per_s"]
+        p50 = row["batch1"]["p50_ms"] / ref["batch1"]["p50_ms"]
+        entry: dict[str, Any] = {
+            "throughput_x": round(throughput, 2),
+            "p50_fraction": round(p50, 3),
+            "peak_rss_mb": row["peak_rss_mb"],
+            "throughput_met": bool(throughput >= TARGET_ONNX_THROUGHPUT),
+            "p50_met": bool(p50 <= TARGET_ONNX_P50),
+            "rss_met": bool(row["peak_rss_mb"] <= TARGET_ONNX_RSS_MB),
+        }
+        if "test" in row and "test" in ref:
+            entry["f1_minus_torch"] = round(row["test"]["f1"] - ref["test"]["f1"], 4)
+            entry["f1_met"] = bool(abs(entry["f1_minus_torch"]) <= TARGET_F1_LOSS)
+        fp32 = variants.get("onnx-fp32")
+        if name == "onnx-int8" and fp32 is not None and "test" in row and "test" in fp32:
+            entry["f1_minus_onnx_fp32"] = round(row["test"]["f1"] - fp32["test"]["f1"], 4)
+            entry["int8_f1_met"] = bool(entry["f1_minus_onnx_fp32"] >= -TARGET_F1_LOSS)
+        out[name] = entry
+    out["targets"] = {
+        "throughput_x": TARGET_ONNX_THROUGHPUT, "p50_fraction": TARGET_ONNX_P50,
+        "peak_rss_mb": TARGET_ONNX_RSS_MB, "f1_loss": TARGET_F1_LOSS,
+    }
+    return out
+
+
+def binary_quality(labels: Sequence[int], probs: Sequence[float]) -> dict[str, Any]:
+    """F1 and friends at the detector's own 0.5 boundary (never tuned on these labels)."""
+    from feddale.method.metrics import binary_report
+
+    report = binary_report(labels, probs, 0.5)
+    return {k: report[k] for k in ("f1", "precision", "recall", "roc_auc") if k in report} | {"sessions": len(labels)}
+
+
+def _check_labeled(labeled: Sequence[tuple[Sequence[str], int]] | None) -> tuple[Sessions, list[int]]:
+    if labeled is None:
+        return [], []
+    pairs = list(labeled)
+    sessions = check_sessions([s for s, _ in pairs], "labeled")
+    labels = [y for _, y in pairs]
+    if any(isinstance(y, bool) or y not in (0, 1) for y in labels):
+        raise ValueError("labeled: every label must be 0 or 1")
+    return sessions, labels
 
 
 def machine_info(
@@ -313,14 +411,15 @@ def run_job(job_file: Path) -> None:
 
 
 def process_info() -> dict[str, Any]:
-    """This process's id, peak memory (see the module docstring), torch threads and the load it ran under."""
-    import torch
-
+    """This process's id, peak memory (see the module docstring), torch threads (when the row
+    loaded torch; importing it here would inflate an ONNX row's memory) and the load it ran under."""
+    torch = sys.modules.get("torch")
     return {
         "pid": os.getpid(),
         "peak_rss_mb": _status_mb("VmHWM"),
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "torch_loaded": torch is not None,
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -394,11 +493,12 @@ def batched_rate(detect: Detect, sessions: Sessions, batch_size: int, repeats: i
 
 def _student_detector(job: dict[str, Any], **options: Any):
     """Load the artifact and build its detector; returns (detector, load seconds, RSS once loaded)."""
+    from feddale.method.artifact import StudentArtifact
     from feddale.method.detector import Detector
-    from feddale.method.student import StudentArtifact
 
     started = time.perf_counter()
-    detector = Detector(StudentArtifact.load(job["student_dir"]), **options)  # its own window batch, as served
+    runtime = {"runtime": job.get("runtime", "torch"), "precision": job.get("precision", "fp32")}
+    detector = Detector(StudentArtifact.load(job["student_dir"]), **runtime, **options)  # its own batching, as served
     return detector, round(time.perf_counter() - started, 2), _status_mb("VmRSS")
 
 
@@ -407,17 +507,22 @@ def _student_description(detector) -> dict[str, Any]:
     meta = detector.artifact.meta
     return {
         "detector": "student",
+        "runtime": detector.runtime,
         "model": meta.base,
         "artifact_version": meta.version,
         "max_len": meta.max_len,
         "view": meta.view,
         "threshold": detector.threshold,
-        "device": str(detector.device),
+        "device": detector.device,
     }
 
 
 def student_row(job: dict[str, Any]) -> dict[str, Any]:
-    """The student's raw cost: cache off, every text distinct, so every call runs the model."""
+    """The student's raw cost: cache off, every text distinct, so every call runs the model.
+
+    After the timed passes it scores the labelled sessions (``eval``) in one call, with the
+    detector's in-call deduplication, and returns their probabilities for the parent's F1.
+    """
     detector, load_s, loaded_mb = _student_detector(job, cache_size=0)
     sessions, n, repeats = job["sessions"], job["compare"], job["repeats"]
     warm_up(detector.predict_proba, sessions)
@@ -433,12 +538,17 @@ def student_row(job: dict[str, Any]) -> dict[str, Any]:
         "batched": batched_rate(detector.predict_proba, sessions[:n], job["batch_size"], repeats),
     }
     info = detector.cache_info()
+    peak_timed_mb = _status_mb("VmHWM")
+    evaluated = job.get("eval") or []
+    eval_probs = [float(p) for p in detector.predict_proba(evaluated)] if evaluated else []
     return {
         **_student_description(detector),
         "sessions": len(sessions),
         "load_s": load_s,
         "rss_after_load_mb": loaded_mb,
         "peak_rss_batch1_mb": peak_batch1_mb,
+        "peak_rss_timed_mb": peak_timed_mb,
+        "eval_probs": eval_probs,
         "batch1": latency_summary(calls),
         "batched": batched,
         "same_sessions": same,
@@ -449,7 +559,7 @@ def student_row(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def cached_stream_row(job: dict[str, Any]) -> dict[str, Any]:
-    """The student as the detector service runs it (default LRU cache) on a stream with the data's repetition.
+    """The student as the detector service runs it (its runtime, default LRU cache) on a stream with the data's repetition.
 
     One batch-1 pass starting from an empty cache, cold start included. No batched pass: a miss
     costs what the raw row measures and a hit skips the model in any batch, so it would add
@@ -583,6 +693,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runtimes", default=",".join(STUDENT_RUNTIMES),
+                        help=f"student rows, comma-separated (default {','.join(STUDENT_RUNTIMES)})")
+    parser.add_argument("--no-f1", action="store_true",
+                        help="skip the F1 of each student row on the config's held-out test split")
     parser.add_argument("--out", type=Path, help="where to write the JSON")
     args = parser.parse_args(argv)
     if args.worker:
@@ -593,11 +707,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         parser.error(f"missing {', '.join(missing)}")
 
-    from feddale.method.config import load_config
+    from feddale.data.deployment import federation_split
     from feddale.data.sources import load_dataset
+    from feddale.method.config import load_config
 
     cfg = load_config(args.config)
     pool, public = sample_sessions(load_dataset(args.data, seed=args.seed), args.pool, args.n_public, args.seed)
+    labeled = None
+    if not args.no_f1:  # the same held-out split `feddale simulate --config CONFIG --data DATA` evaluates on
+        split = federation_split(cfg.data, args.seed, args.data)
+        labeled = [(list(ls.session.messages), ls.label) for ls in split.test]
     result = measure_cost(
         args.student,
         args.teacher_model or cfg.teacher_model,
@@ -612,11 +731,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         batch_size=args.batch_size,
         seed=args.seed,
+        labeled=labeled,
+        runtimes=[r.strip() for r in args.runtimes.split(",") if r.strip()],
     )
     result["setup"].update({"data": args.data, "config": args.config, "student_dir": str(args.student)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["ratio"], indent=2))
+    print(json.dumps({"ratio": result["ratio"], "runtime_ratios": result["runtime_ratios"]}, indent=2))
     return 0
 
 

@@ -112,6 +112,7 @@ def cost_section(cost: dict[str, Any]) -> list[str]:
             f"| {name} | {n} | {one['p50_ms']:.1f} | {one['p99_ms']:.1f} | {batched['sessions_per_s']:.1f}"
             f" | {proc['peak_rss_batch1_mb']:.0f} / {proc['peak_rss_mb']:.0f} |"
         )
+    lines += runtime_section(cost)
     cached = c["batch1"]
     lines += [
         "",
@@ -128,6 +129,52 @@ def cost_section(cost: dict[str, Any]) -> list[str]:
         f" | {cached['p99_ms']:.1f} | {cached['mean_ms']:.1f} | {c['peak_rss_mb']:.0f} |",
     ]
     return lines
+
+
+def runtime_section(cost: dict[str, Any]) -> list[str]:
+    """The student on torch, ONNX fp32 and ONNX int8: same sessions, one fresh process each."""
+    variants, ratios = cost.get("student_runtimes") or {}, cost.get("runtime_ratios") or {}
+    if len(variants) < 2:
+        return []
+    lines = [
+        "",
+        "The student's runtimes, uncached, on the same sessions (each in its own process; test F1 at"
+        " threshold 0.5 on the held-out split):",
+        "",
+        "| runtime | p50 batch 1 (ms) | p99 batch 1 (ms) | sessions/s in requests of"
+        f" {cost['setup']['batch_size']} | peak RSS (MB) | test F1 | vs torch: throughput / p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in variants.items():
+        f1 = f"{row['test']['f1']:.4f}" if "test" in row else "—"
+        ratio = ratios.get(name)
+        versus = f"{ratio['throughput_x']:.2f}× / {ratio['p50_fraction']:.2f}×" if ratio else "1× / 1×"
+        lines.append(
+            f"| {name} | {row['batch1']['p50_ms']:.1f} | {row['batch1']['p99_ms']:.1f}"
+            f" | {row['batched']['sessions_per_s']:.1f} | {row['peak_rss_mb']:.0f} | {f1} | {versus} |"
+        )
+    targets = ratios.get("targets")
+    if targets:
+        lines.append("")
+        for name, r in ratios.items():
+            if name == "targets":
+                continue
+            checks = [
+                f"throughput ≥ {targets['throughput_x']:g}×: **{_met(r['throughput_met'])}**",
+                f"p50 ≤ {targets['p50_fraction']:g}×: **{_met(r['p50_met'])}**",
+                f"peak RSS ≤ {targets['peak_rss_mb']:.0f} MB: **{_met(r['rss_met'])}**",
+            ]
+            if "f1_met" in r:
+                checks.append(f"F1 within {targets['f1_loss']} of torch ({r['f1_minus_torch']:+.4f}): **{_met(r['f1_met'])}**")
+            if "int8_f1_met" in r:
+                checks.append(f"int8 loses ≤ {targets['f1_loss']} F1 against ONNX fp32 ({r['f1_minus_onnx_fp32']:+.4f}):"
+                              f" **{_met(r['int8_f1_met'])}**")
+            lines.append(f"- {name}: " + "; ".join(checks) + ".")
+    return lines
+
+
+def _met(flag: bool) -> str:
+    return "met" if flag else "not met"
 
 
 def ablation_section(data: dict[str, Any], figures: dict[str, str]) -> list[str]:
