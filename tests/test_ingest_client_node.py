@@ -14,6 +14,7 @@ from feddale.method.config import load_config
 from feddale.protocol.messages import Task
 from feddale.protocol.rounds import ClientUpload
 from feddale.service.http import CoordinatorSession
+from feddale.service.settings import load_settings
 
 import feddale_client_node.agent as agent_module
 from feddale_client_node.agent import ClientAgent
@@ -33,12 +34,21 @@ def coordinator(sent: list[httpx.Request]) -> httpx.MockTransport:
     return httpx.MockTransport(answer)
 
 
-def test_the_settings_read_the_sources_file_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_settings_read_and_check_the_sources_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sources.yaml").write_text("- preset: hdfs\n  paths: [logs/*.log]\n")
     monkeypatch.setenv("FEDDALE_BOOTSTRAP_SECRET", "b" * 32)
-    monkeypatch.setenv("FEDDALE_SOURCES", "/etc/feddale/sources.yaml")
+    monkeypatch.setenv("FEDDALE_SOURCES", str(tmp_path / "sources.yaml"))
     monkeypatch.setenv("FEDDALE_SOURCES_POLL_S", "2.5")
-    settings = Settings()
-    assert settings.sources == "/etc/feddale/sources.yaml" and settings.sources_poll_s == 2.5
+    settings = load_settings(Settings)
+    assert settings.sources == str(tmp_path / "sources.yaml") and settings.sources_poll_s == 2.5
+    for broken in ("- preset: nosuch\n", "- [unclosed\n"):
+        (tmp_path / "sources.yaml").write_text(broken)
+        with pytest.raises(SystemExit) as stopped:
+            load_settings(Settings)
+        assert str(stopped.value).startswith("bad environment: FEDDALE_SOURCES: ") and "\n" not in str(stopped.value)
+    monkeypatch.setenv("FEDDALE_SOURCES", str(tmp_path / "missing.yaml"))
+    with pytest.raises(SystemExit, match="FEDDALE_SOURCES: sources file not found"):
+        load_settings(Settings)
 
 
 def test_each_run_trains_on_the_sessions_the_followed_files_hold(tmp_path: Path,

@@ -291,6 +291,28 @@ def test_the_detectors_sources_file_adds_to_the_presets(tmp_path) -> None:
     assert {"hdfs", "openssh", "bgl", "shop"} <= set(known) and len(known) == 17
 
 
+def test_the_detector_settings_give_the_intake_its_bounds(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from feddale.service.settings import load_settings
+
+    from feddale_detector.settings import Settings
+
+    monkeypatch.setenv("FEDDALE_BOOTSTRAP_SECRET", "b" * 32)
+    monkeypatch.setenv("FEDDALE_SESSION_IDLE_S", "5")
+    monkeypatch.setenv("FEDDALE_SESSION_MAX_LINES", "64")
+    monkeypatch.setenv("FEDDALE_MAX_OPEN_SESSIONS", "100")
+    monkeypatch.setenv("FEDDALE_ALERT_WEBHOOK", "http://am:9093/api/v2/alerts")
+    options = load_settings(Settings).intake()
+    assert (options.idle_s, options.max_session_lines, options.max_open_sessions, options.alert_webhook) == (
+        5.0, 64, 100, "http://am:9093/api/v2/alerts")
+    monkeypatch.setenv("FEDDALE_MAX_OPEN_SESSIONS", "0")
+    with pytest.raises(SystemExit, match="FEDDALE_MAX_OPEN_SESSIONS"):
+        load_settings(Settings)
+    monkeypatch.setenv("FEDDALE_MAX_OPEN_SESSIONS", "100")
+    monkeypatch.setenv("FEDDALE_SOURCES", str(tmp_path / "nope.yaml"))
+    with pytest.raises(SystemExit, match="FEDDALE_SOURCES: sources file not found"):
+        load_settings(Settings)
+
+
 def test_the_intake_imports_no_torch() -> None:
     code = (
         "import sys\n"

@@ -17,6 +17,7 @@ import httpx
 from fastapi import FastAPI
 
 from feddale.service.http import CoordinatorSession
+from feddale.service.intake import add_intake_routes, known_sources
 from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.serving import MicroBatcher, ModelSlot, add_detect_routes, coordinator_follower
 
@@ -59,5 +60,7 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
 
     add_ops_routes(app, metrics, readiness)
     add_detect_routes(app, slot, batcher, metrics)
+    add_intake_routes(app, slot, metrics, known_sources(settings.sources), settings.intake(), stop=stop,
+                      score=batcher.detect)
     metrics.gauge_fn("model_loaded", lambda: 0.0 if slot.current is None else 1.0)
     return app

@@ -78,3 +78,14 @@ def load_sources(path: str | Path) -> list[SourceEntry]:
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"{file}: not a YAML/JSON sources file ({str(error).splitlines()[0]})") from None
     return parse_sources(document, str(file), file.resolve().parent)
+
+
+def check_sources_file(path: str | None) -> str | None:
+    """A settings validator: the sources file must read, so a typo stops a service at start-up
+    with one line (``FEDDALE_SOURCES: ...``) instead of a traceback or a node that reads nothing."""
+    if path:
+        try:
+            load_sources(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(str(error)) from None
+    return path
