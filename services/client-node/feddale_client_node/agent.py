@@ -66,6 +66,8 @@ class ClientAgent:
         self.sessions = self._private_sessions(registration)
         self.status = {"state": "idle", "client_id": registration.client_id, "shard": registration.shard,
                        "sessions": len(self.sessions)}
+        if self.raw is not None:
+            self.status["raw_logs"] = self.raw.summary()
         log.info("client %s ready with %d private sessions", registration.client_id, len(self.sessions))
 
     def _private_sessions(self, registration: Registration) -> tuple[Session, ...]:

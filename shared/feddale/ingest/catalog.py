@@ -9,7 +9,7 @@ A YAML or JSON list; each item is a source document (:mod:`feddale.ingest.source
       format: "<Date> <Time> <Level> <Content>"
       key: "order=(\\d+)"
       paths: [myapp/*.log]            # relative: to the sources file's folder
-      max_sessions: 5000              # what a client node keeps (default 20,000)
+      max_sessions: 2000              # what a client node keeps (default 5,000)
 
 A client node follows the ``paths``; a detector reads the same file only for the sources
 (its lines arrive over HTTP), so ``paths`` may be left out there. Everything is checked when

@@ -22,8 +22,10 @@ from feddale.ingest.parsing import ParsedLine
 from feddale.ingest.sessions import NO_KEY, NO_TIME, line_keys, line_time, window_id
 from feddale.ingest.sources import Source
 
-MAX_SESSIONS = 20_000
-MAX_MESSAGES = 1024
+# About a cpu-profile shard (data.max_client_sessions 4000) with room to spare; the store is
+# rewritten whole after each poll that changed it, so these also bound that write.
+MAX_SESSIONS = 5000
+MAX_MESSAGES = 512
 
 
 class StoredSession(BaseModel):
