@@ -200,6 +200,17 @@ def test_sessions_close_at_the_line_limit_and_evictions_keep_memory_bounded(setu
     assert {a.id for a in setup.intake.anomalies} == {"blk_10"} and len(setup.intake.open) == 3
 
 
+def test_window_sources_stream_per_process_and_minute(setup: Setup, client: TestClient) -> None:
+    setup.slot.swap(loaded(setup.detector))
+    lines = ["Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186",
+             "Dec 10 06:55:48 LabSZ sshd[24200]: Failed password: exception in auth",
+             "Dec 10 06:55:48 LabSZ sshd[24201]: Connection closed by 173.234.31.186 [preauth]",
+             "Dec 10 06:56:01 LabSZ sshd[24200]: Received disconnect from 173.234.31.186: 11: Bye Bye [preauth]"]
+    assert client.post("/v1/logs?source=openssh", json=otlp_json(lines, source=None)).json() == {}
+    assert setup.intake.flush() == 3
+    assert [(a.id, a.lines) for a in setup.intake.anomalies] == [("24200@2000-12-10T06:55:00Z", 2)]
+
+
 def test_sessions_closed_before_any_student_are_counted_as_unscored(setup: Setup, client: TestClient) -> None:
     client.post("/v1/logs", json=otlp_json([RECEIVE.format(s=1, b="blk_1")]))
     assert setup.intake.flush() == 0
