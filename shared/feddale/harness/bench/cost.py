@@ -330,6 +330,14 @@ def binary_quality(labels: Sequence[int], probs: Sequence[float]) -> dict[str, A
     return {k: report[k] for k in ("f1", "precision", "recall", "roc_auc") if k in report} | {"sessions": len(labels)}
 
 
+def held_out_sessions(cfg: Any, seed: int, source: str | None = None) -> list[tuple[list[str], int]]:
+    """The labelled test split `feddale simulate` evaluates the same config and seed on (``labeled``)."""
+    from feddale.data.deployment import federation_split
+
+    split = federation_split(cfg.data, seed, source)
+    return [(list(ls.session.messages), ls.label) for ls in split.test]
+
+
 def _check_labeled(labeled: Sequence[tuple[Sequence[str], int]] | None) -> tuple[Sessions, list[int]]:
     if labeled is None:
         return [], []
@@ -707,16 +715,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         parser.error(f"missing {', '.join(missing)}")
 
-    from feddale.data.deployment import federation_split
     from feddale.data.sources import load_dataset
     from feddale.method.config import load_config
 
     cfg = load_config(args.config)
     pool, public = sample_sessions(load_dataset(args.data, seed=args.seed), args.pool, args.n_public, args.seed)
-    labeled = None
-    if not args.no_f1:  # the same held-out split `feddale simulate --config CONFIG --data DATA` evaluates on
-        split = federation_split(cfg.data, args.seed, args.data)
-        labeled = [(list(ls.session.messages), ls.label) for ls in split.test]
+    labeled = None if args.no_f1 else held_out_sessions(cfg, args.seed, args.data)
     result = measure_cost(
         args.student,
         args.teacher_model or cfg.teacher_model,
