@@ -72,11 +72,12 @@ def test_bench_tiny_writes_tables_plots_and_report_and_resumes(tmp_path):
     assert run["seed"] == 0 and run["machine"]["cores"] >= 1 and "git_commit" in run
     assert [s["fedavg_rounds"] for s in run["snapshots"]] == [0, 1]
     zero, one = run["snapshots"]
-    # one-shot sends no adapters; one FedAvg round sends one up and two down per client
+    # one-shot sends no adapters; one FedAvg round sends one up per client and one down (round 2
+    # starts from the average; round 1 from the seeded adapter every client derives itself)
     assert "adapter_up" not in zero["communication"]["total_bytes_by_kind"]
     kinds = one["communication"]["total_bytes_by_kind"]
     assert kinds["adapter_up"] == 2 * one["adapter_bytes"]
-    assert kinds["adapter_down"] == 4 * one["adapter_bytes"]
+    assert kinds["adapter_down"] == 2 * one["adapter_bytes"]
     assert zero["fedavg_teacher_after_distill_round"]["n"] == 10
     assert set(zero["ablation"]) == {"filter=max", "filter=none", "k=5", "top_k=1"}
     assert one["ablation"] == {}  # only the snapshots in --ablation-rounds train the extra students
@@ -84,7 +85,10 @@ def test_bench_tiny_writes_tables_plots_and_report_and_resumes(tmp_path):
     assert set(tables["quality"]) == {"0", "1"}
     comm = tables["communication"]["0"]
     assert comm["fedavg_5_rounds_total_bytes"] == 2 * 2 * 5 * zero["adapter_bytes"]
-    assert comm["reduction_vs_fedavg_5_rounds_pct"] > 0
+    # (tiny models: the student's ONNX graph outweighs five rounds of tiny adapters, so only the
+    # arithmetic is checked here; docs/results.md has the real-model figures)
+    expected = round(100 * (1 - comm["feddale_total_bytes"] / comm["fedavg_5_rounds_total_bytes"]), 2)
+    assert comm["reduction_vs_fedavg_5_rounds_pct"] == expected
     assert set(tables["ablation"]["0"]) == {"default", "filter=max", "filter=none", "k=5", "top_k=1"}
     for png in ("quality.png", "communication.png", "ablation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

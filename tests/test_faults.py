@@ -40,7 +40,9 @@ import redis
 from rq.job import JobStatus
 from service_helpers import BOOTSTRAP, admin_headers, coordinator_settings, fast_config, serve_in_thread
 
-from feddale.method import adapters
+from feddale.method import adapters, models
+from feddale.method.config import RunConfig
+from feddale.protocol.rounds import load_teacher
 from feddale.service.auth import auth_headers
 from feddale.service.http import CoordinatorSession, poll_until
 from feddale.ops.launcher import LocalFederation
@@ -471,7 +473,10 @@ def test_a_stalled_upload_times_out_on_both_ends_is_retried_and_stored_intact(
                 return httpx.get(f"{url}/v1/runs/{run_id}", headers=admin_headers(), timeout=30).json()["status"]
 
             assert poll_until(lambda: status() == "fedavg", 120, 0.1)
-            blob = session.request("GET", f"/v1/runs/{run_id}/rounds/0/global").content
+            # Round 1 starts from the run's seeded adapter, which every client derives itself.
+            teacher = load_teacher(RunConfig.model_validate(
+                httpx.get(f"{url}/v1/runs/{run_id}", headers=admin_headers(), timeout=30).json()["config"]))
+            blob = adapters.adapter_to_bytes(teacher.initial, models.lora_meta(teacher.model))
             assert len(blob) > 4 * proxy.keep
             accepted = session.request("PUT", f"/v1/runs/{run_id}/rounds/1/adapter", content=blob,
                                        params={"samples": 10}, headers={"Content-Type": "application/octet-stream"})
@@ -491,7 +496,7 @@ def test_a_stalled_upload_times_out_on_both_ends_is_retried_and_stored_intact(
         assert list(uploads) == [me]
         stored = ArtifactStore(settings.artifact_dir).read(tuple(uploads[me]["path"]))
         assert stored == blob and uploads[me]["sha256"] == hashlib.sha256(blob).hexdigest()
-        assert not [p for p in settings.artifact_dir.rglob("*") if p.name.startswith(".tmp-")]
+        assert not [p for p in settings.artifact_dir.rglob("*") if p.name.endswith(".part")]
         assert poll_until(lambda: status() == "distill", 60, 0.1), "FedAvg over the stored adapter failed"
         averaged = httpx.get(f"{url}/v1/runs/{run_id}/rounds/1/global", headers=auth_headers(token), timeout=30)
         assert averaged.status_code == 200
@@ -534,9 +539,9 @@ def test_an_artifact_write_that_reads_back_wrong_leaves_the_old_file_and_no_temp
     store = ArtifactStore(tmp_path)
     store.write(("runs", "r1", "adapter.safetensors"), b"old and good")
     real = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self)[:-1] + b"!" if self.name.startswith(".tmp-")
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self)[:-1] + b"!" if self.name.endswith(".part")
                         else real(self))
-    with pytest.raises(OSError, match="read-back digest"):
+    with pytest.raises(OSError, match="the bytes read back differ"):
         store.write(("runs", "r1", "adapter.safetensors"), b"new bytes, torn on the way to the disk")
     monkeypatch.undo()
     assert store.read(("runs", "r1", "adapter.safetensors")) == b"old and good"

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from feddale.method import federation
 from feddale.method.federation import (
     FederationError,
     Selection,
@@ -102,7 +103,7 @@ def test_aggregate_none_keeps_clients_apart():
         (np.zeros((0, 3)), "mean", "empty"),
         (np.zeros((2, 0)), "mean", "empty"),
         (np.array([[0.1, np.nan]]), "mean", "client 0, sample 1"),
-        (MATRIX, "median", "unknown aggregation"),
+        (MATRIX, "mode", "unknown aggregation"),
     ],
 )
 def test_aggregate_errors(matrix, how, message):
@@ -222,3 +223,38 @@ def test_none_aggregation_skips_items_taken_by_the_other_side():
 def test_selection_errors(scores, texts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         select_pseudo_labels(scores, texts, **kwargs)
+
+
+# --------------------------------------------------------------------------- hostile clients
+
+
+def test_declared_sample_counts_are_capped_at_the_median():
+    assert federation.bounded_weights([100, 120, 10**9, 90, 110]) == [100, 110, 110, 90, 110]
+    assert federation.bounded_weights([50, 50]) == [50, 50]
+    with pytest.raises(federation.FederationError):
+        federation.bounded_weights([10, 0])
+
+
+def test_a_boosted_adapter_is_scaled_to_the_typical_norm():
+    honest = [{"b": torch.full((2, 2), v)} for v in (1.0, 1.1, 0.9, 1.0)]
+    boosted = {"b": torch.full((2, 2), 100.0)}
+    clipped = federation.clip_to_median_norm(honest + [boosted])
+    assert all(torch.equal(c["b"], h["b"]) for c, h in zip(clipped, honest)), "honest clients untouched"
+    median_norm = 2.0  # ||full(2x2, 1.0)||
+    assert torch.linalg.norm(clipped[-1]["b"]).item() == pytest.approx(2 * median_norm)
+    averaged = federation.fedavg(clipped, [1] * 5)["b"]
+    assert averaged.max().item() < 2.0  # unclipped, the boosted client alone would put it near 20.8
+
+
+def test_median_and_trimmed_mean_ignore_one_hostile_client():
+    rng = np.random.default_rng(0)
+    truth = np.linspace(0.0, 1.0, 50)
+    honest = np.stack([truth + rng.normal(0, 0.01, 50) for _ in range(4)])
+    for attack in (1.0 - truth, rng.random(50)):  # inverted, random
+        matrix = np.vstack([honest, attack])
+        for how in ("median", "trimmed_mean"):
+            robust = federation.aggregate_scores(matrix, how)
+            assert np.corrcoef(robust, truth)[0, 1] > 0.99, (how, attack[:3])
+        assert federation.outlier_clients(matrix) == [4]
+    assert federation.outlier_clients(honest) == []
+    assert federation.outlier_clients(honest[:2]) == []  # two clients: neither can be told apart

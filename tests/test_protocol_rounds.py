@@ -88,7 +88,7 @@ def test_two_fedavg_rounds_then_distillation(split, teacher) -> None:
     assert distilled.artifact.version
 
 
-def test_fedavg_weights_by_samples(teacher) -> None:
+def test_fedavg_weights_by_bounded_samples(teacher) -> None:
     teacher.reset()
     start = adapters.adapter_state(teacher.model)
     shifted = {k: v + 1.0 for k, v in start.items()}
@@ -96,7 +96,8 @@ def test_fedavg_weights_by_samples(teacher) -> None:
     blob_a, blob_b = adapters.adapter_to_bytes(start, meta), adapters.adapter_to_bytes(shifted, meta)
     averaged = state_of(rounds.aggregate_adapters([(blob_a, 1), (blob_b, 3)]))
     key = sorted(start)[0]
-    expected = (state_of(blob_a)[key] + 3 * state_of(blob_b)[key]) / 4
+    # Declared counts weigh in up to the median count (2 here): 1 and 3 count as 1 and 2.
+    expected = (state_of(blob_a)[key] + 2 * state_of(blob_b)[key]) / 3
     assert torch.allclose(averaged[key], expected, atol=1e-3)
 
 
@@ -125,3 +126,20 @@ def test_score_matrix_rechecks_every_payload(split, teacher) -> None:
         rounds.score_matrix({"c0": blob}, digest=digest, run_id="another-run", round_no=1, count=len(split.public))
     with pytest.raises(ValueError, match="no accuracy payloads"):
         rounds.score_matrix({}, digest=digest, run_id="run-test", round_no=1, count=len(split.public))
+
+
+def test_a_client_declaring_a_billion_samples_with_a_boosted_adapter_does_not_dominate(teacher) -> None:
+    """1 of 5 clients hostile: capped weight and clipped norm keep the average near the honest one."""
+    state = adapters.adapter_state(teacher.model)
+    rng = torch.Generator().manual_seed(0)
+    honest = [{k: v + 0.01 * torch.randn(v.shape, generator=rng) for k, v in state.items()} for _ in range(4)]
+    hostile = {k: v + 5.0 for k, v in state.items()}
+    uploads = [(adapters.adapter_to_bytes(s, {}), 1000) for s in honest]
+    uploads.append((adapters.adapter_to_bytes(hostile, {}), 10**9))
+    averaged = state_of(rounds.aggregate_adapters(uploads))
+    honest_mean = {k: torch.stack([h[k] for h in honest]).mean(0) for k in state}
+
+    def distance(a, b) -> float:
+        return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in state)))
+
+    assert distance(averaged, honest_mean) < 0.5 * distance(hostile, honest_mean) / 5

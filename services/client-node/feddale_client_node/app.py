@@ -33,7 +33,7 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
     )
     metrics = Metrics("feddale_client_node")
     agent = ClientAgent(session, data=settings.data, log_dir=settings.log_dir, state_dir=settings.state_dir,
-                        metrics=metrics)
+                        metrics=metrics, sources=settings.sources, sources_poll_s=settings.sources_poll_s)
     slot = ModelSlot()
     batcher = MicroBatcher(slot, metrics=metrics)
     follower = coordinator_follower(session, slot, cache_dir=settings.state_dir, on_swap=agent.detect_own_logs)

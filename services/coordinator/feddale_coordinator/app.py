@@ -325,7 +325,7 @@ def _run_view(store: Store, run: RunRecord, ttl_s: float) -> RunView:
         uploaded=sorted(store.uploads(run.run_id, run.round)) if run.round else [],
         clients=clients, bytes_up=sum(t["up"] for t in traffic.values()),
         bytes_down=sum(t["down"] for t in traffic.values()), student_version=run.student_version,
-        pseudo_labels=run.pseudo_labels,
+        pseudo_labels=run.pseudo_labels, outliers=run.outliers,
         public_digest=run.public_digest, public_count=run.public_count,
         history=[h.model_dump() for h in run.history], config=run.config,
         created_at=run.created_at, updated_at=run.updated_at,

@@ -46,7 +46,7 @@ from feddale.protocol.messages import (
     PseudoLabelSummary, PublicRef, PublicSetBody, RunRequest, SessionBody, StudentInfo, StudentInputs, Task,
     merge_config,
 )
-from feddale.protocol.rounds import NextRound, close_round
+from feddale.protocol.rounds import NextRound, close_round, flag_outliers, score_matrix
 from feddale.service.auth import hash_token, new_token, token_matches
 from feddale.service.observability import Metrics
 from feddale.service.queue import STUDENT_JOB, fetch_job
@@ -190,6 +190,8 @@ class RunEngine:
         if isinstance(closed, NextRound):
             self.artifacts.write(("runs", run.run_id, f"round-{run.round}", "global.safetensors"),
                                  closed.global_adapter)
+        else:
+            run.outliers = self._outliers(run, uploads)
         run.history.append(RoundSummary(
             round=run.round, kind=kind, participants=sorted(uploads), closed_by=closed_by, closed_at=time.time(),
         ))
@@ -200,6 +202,22 @@ class RunEngine:
         else:
             run.status = "student_training"
             self._enqueue_student(run)
+
+    def _outliers(self, run: RunRecord, uploads: dict[str, dict[str, Any]]) -> list[str]:
+        """Clients whose accuracy payloads disagree with everyone else's (shown in the run status)."""
+        ids = sorted(uploads)
+        try:
+            matrix = score_matrix(
+                {c: self.artifacts.read(tuple(uploads[c]["path"])) for c in ids}, digest=run.public_digest,
+                run_id=run.run_id, round_no=run.round, count=run.public_count,
+            )
+        except (PayloadError, OSError, ValueError) as exc:  # the student job re-checks and reports
+            log.warning("run %s: payloads not compared for outliers: %s", run.run_id, exc)
+            return []
+        flagged = flag_outliers(matrix, ids)
+        if flagged:
+            log.warning("run %s: payloads of %s disagree with the other clients", run.run_id, ", ".join(flagged))
+        return flagged
 
     def _enqueue_student(self, run: RunRecord) -> None:
         """Hand the distillation inputs to the student-trainer via RQ (a fresh job token each time).

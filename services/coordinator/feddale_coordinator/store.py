@@ -70,6 +70,7 @@ class RunRecord(BaseModel):
     job_token_hash: str | None = None
     job_token_expires_at: float | None = None
     pseudo_labels: PseudoLabelSummary | None = None
+    outliers: list[str] = []  # clients whose payloads disagreed with the rest
     adapter_shapes: dict[str, list[int]] | None = None  # few-shot: what every uploaded adapter must match
     history: list[RoundSummary] = []
 

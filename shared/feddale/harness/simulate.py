@@ -283,6 +283,9 @@ def run_federation(
             ablation[variant.name] = {"variant": variant.__dict__, **result_row}
         rows.append({
             "seed": seed,
+            "outlier_clients": rounds.flag_outliers(
+                matrices[cfg.score.top_k], [f"client-{c}" for c in range(len(results))]
+            ),
             "data_source": source,
             "clients": sizes,
             "public_digest": public_ref.digest,

@@ -168,7 +168,7 @@ class RunConfig(BaseModel):
     teacher: TeacherTrainConfig = TeacherTrainConfig()
     score: ScoreConfig = ScoreConfig()
     fedavg_rounds: int = Field(0, ge=0, le=50)
-    filter: Literal["mean", "max", "none", "rank_mean"] = "mean"
+    filter: Literal["mean", "max", "none", "rank_mean", "median", "trimmed_mean"] = "mean"
     selection: Literal["plain", "distinct"] = "plain"
     k_normal: int = Field(200, ge=1)
     k_anomalous: int = Field(200, ge=1)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-Aggregation = Literal["mean", "max", "rank_mean", "none"]
+Aggregation = Literal["mean", "max", "rank_mean", "median", "trimmed_mean", "none"]
 SelectionStrategy = Literal["plain", "distinct"]
 
 NORMAL = 0
@@ -74,6 +74,37 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[int])
     return averaged
 
 
+def bounded_weights(samples: Sequence[int], cap_factor: float = 1.0) -> list[int]:
+    """FedAvg weights from client-declared sample counts, each capped at ``cap_factor`` x the median.
+
+    The counts are the clients' own word: uncapped, one client declaring 1e9 sessions would
+    replace the global adapter with its own. Capped at the median, no client weighs more than
+    the typical one; IID shards (equal sizes) keep their counts.
+    """
+    if not samples or any(int(n) < 1 for n in samples):
+        raise FederationError(f"sample counts must be positive integers, got {list(samples)}")
+    cap = max(1, int(cap_factor * float(np.median([int(n) for n in samples]))))
+    return [min(int(n), cap) for n in samples]
+
+
+def clip_to_median_norm(
+    states: Sequence[Mapping[str, torch.Tensor]], factor: float = 2.0
+) -> list[dict[str, torch.Tensor]]:
+    """Scale down each client's adapter whose L2 norm exceeds ``factor`` x the clients' median norm.
+
+    A LoRA ``B`` matrix starts at zero, so an adapter's norm measures how far a client moved; a
+    scaled (boosted) update would otherwise dominate the average however its weight is bounded.
+    Honest clients, trained alike, are rarely near the bound.
+    """
+    norms = [float(torch.sqrt(sum((t.double() ** 2).sum() for t in state.values()))) for state in states]
+    bound = factor * float(np.median(norms))
+    clipped = []
+    for state, norm in zip(states, norms):
+        scale = bound / norm if norm > bound > 0 else 1.0
+        clipped.append({k: v * scale for k, v in state.items()})
+    return clipped
+
+
 # --------------------------------------------------------------------------- score aggregation
 
 
@@ -104,6 +135,10 @@ def aggregate_scores(matrix: np.ndarray, how: Aggregation) -> np.ndarray:
     - ``max``: a sample is as normal as its most confident teacher says.
     - ``rank_mean``: mean of per-client rank percentiles in [0, 1]; robust when teachers are
       calibrated differently (e.g. one client saw far more data and scores everything high).
+    - ``median``: coordinate-wise median; one hostile client (random or inverted scores) cannot
+      move it while honest clients are the majority.
+    - ``trimmed_mean``: per public session, the mean after dropping the highest and the lowest
+      score (with three clients or more; the plain mean below that).
     - ``none``: the "no filter" ablation. No cross-client combination at all: the matrix is
       returned unchanged (clients x n) and :func:`select_pseudo_labels` then lets each client
       pick its own most confident samples in turn and pools them (see there).
@@ -117,9 +152,37 @@ def aggregate_scores(matrix: np.ndarray, how: Aggregation) -> np.ndarray:
         return m.max(axis=0)
     if how == "rank_mean":
         return np.mean([_rank_percentiles(row) for row in m], axis=0)
+    if how == "median":
+        return np.median(m, axis=0)
+    if how == "trimmed_mean":
+        if m.shape[0] < 3:
+            return m.mean(axis=0)
+        return np.sort(m, axis=0)[1:-1].mean(axis=0)
     if how == "none":
         return m.copy()
-    raise FederationError(f"unknown aggregation {how!r}; expected one of mean, max, rank_mean, none")
+    raise FederationError(
+        f"unknown aggregation {how!r}; expected one of mean, max, rank_mean, median, trimmed_mean, none"
+    )
+
+
+def outlier_clients(matrix: np.ndarray, min_agreement: float = 0.0) -> list[int]:
+    """Clients whose ranking of the public set disagrees with everyone else's (indices into the rows).
+
+    Each client's scores are rank-correlated (Spearman) with the coordinate-wise median of the
+    other clients. Honest teachers agree on what is normal; a client is flagged when its
+    agreement is at or below ``min_agreement`` (inverted payloads: negative) or below half of the
+    clients' median agreement (random payloads: near 0 while the others agree). Needs three
+    clients: with two, neither can be told from the other.
+    """
+    m = _check_matrix(matrix)
+    if m.shape[0] < 3:
+        return []
+    agreement = []
+    for i in range(m.shape[0]):
+        a, b = rankdata(m[i]), rankdata(np.median(np.delete(m, i, axis=0), axis=0))
+        agreement.append(0.0 if a.std() == 0 or b.std() == 0 else float(np.corrcoef(a, b)[0, 1]))
+    typical = float(np.median(agreement))
+    return [i for i, value in enumerate(agreement) if value <= min_agreement or value < typical / 2]
 
 
 # --------------------------------------------------------------------------- pseudo-label selection

@@ -29,7 +29,7 @@ class RunRequest(BaseModel):
     fedavg_rounds: int | None = Field(None, ge=1, le=50, description="few_shot only; default 3")
     min_clients: int = Field(1, ge=1, le=10_000)
     round_deadline_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
-    filter: Literal["mean", "max", "none", "rank_mean"] | None = None
+    filter: Literal["mean", "max", "none", "rank_mean", "median", "trimmed_mean"] | None = None
     selection: Literal["plain", "distinct"] | None = None
     k: int | None = Field(None, ge=1)
     k_normal: int | None = Field(None, ge=1)
@@ -120,6 +120,7 @@ class RunView(BaseModel):
     bytes_down: int
     student_version: str | None
     pseudo_labels: PseudoLabelSummary | None
+    outliers: list[str]
     public_digest: str
     public_count: int
     history: list[dict[str, Any]]

@@ -160,14 +160,18 @@ def aggregate_adapters(uploads: Sequence[tuple[bytes, int]], max_bytes: int | No
     """FedAvg over uploaded adapters (blob, samples); the first fixes the keys, shapes and LoRA meta.
 
     Every blob is parsed and checked (finite floats, same keys and shapes as the first) before
-    any averaging, so one bad upload names itself instead of poisoning the global adapter.
+    any averaging, so one bad upload names itself instead of poisoning the global adapter. Then
+    no client can dominate: declared sample counts are capped (``federation.bounded_weights``)
+    and boosted adapters are scaled down to the clients' typical norm
+    (``federation.clip_to_median_norm``).
     """
     if not uploads:
         raise federation.FederationError("no adapter uploads to average")
     first, meta = adapters.adapter_from_bytes(uploads[0][0], max_bytes=max_bytes)
     expected = {k: tuple(v.shape) for k, v in first.items()}
     states = [first] + [adapters.adapter_from_bytes(blob, expected, max_bytes=max_bytes)[0] for blob, _ in uploads[1:]]
-    return adapters.adapter_to_bytes(federation.fedavg(states, [samples for _, samples in uploads]), meta)
+    weights = federation.bounded_weights([samples for _, samples in uploads])
+    return adapters.adapter_to_bytes(federation.fedavg(federation.clip_to_median_norm(states), weights), meta)
 
 
 def close_round(
@@ -189,6 +193,11 @@ def score_matrix(
         payload.decode_scores(payloads[client], public_digest=digest, run_id=run_id, round=round_no, count=count)[1]
         for client in sorted(payloads)
     ])
+
+
+def flag_outliers(matrix: np.ndarray, client_ids: Sequence[str]) -> list[str]:
+    """The clients (of ``score_matrix``'s rows, in ``client_ids`` order) whose payloads disagree with the rest."""
+    return [client_ids[i] for i in federation.outlier_clients(matrix)]
 
 
 @dataclass(frozen=True)
