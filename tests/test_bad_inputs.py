@@ -481,3 +481,21 @@ def test_concurrent_duplicate_uploads_are_counted_once(coordinator: TestClient) 
     assert view["uploaded"] == [a["client_id"]] and view["status"] == "distill"
     files = list((coordinator.app.state.engine.artifacts.root / "runs" / run_id).rglob("*.bin"))
     assert len(files) == 1 and files[0].read_bytes() == blob  # content-addressed: one file, whole
+
+
+def test_an_unauthenticated_student_upload_is_refused_before_its_body_is_read(tmp_path: Path, redis_client) -> None:
+    """60 MiB announced under the 64 MiB limit, no body sent: the wrong token alone earns the 401."""
+    from feddale_coordinator.app import create_app
+
+    app = create_app(coordinator_settings(tmp_path, "unused", max_upload_bytes=64 * 1024 * 1024),
+                     redis_client=redis_client)
+    with serve_in_thread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(
+                b"PUT /v1/runs/run-abc/student HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer not-the-job-token\r\n"
+                b"Content-Type: application/octet-stream\r\nContent-Length: " + str(60 * 1024 * 1024).encode()
+                + b"\r\n\r\n"
+            )
+            status_line = conn.recv(4096).split(b"\r\n", 1)[0]  # answered without waiting for the body
+    assert status_line.startswith(b"HTTP/1.1 401"), status_line

@@ -293,6 +293,7 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
         pseudo-labels it learned from; it is validated after the job token, like the body.
         """
         token = bearer_token(request)
+        await run_in_threadpool(engine.check_job_token, run_id, token)  # 401 before a byte of the body is read
         blob = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
         query = dict(request.query_params)
         return await run_in_threadpool(engine.publish_student, run_id, token, blob, query)

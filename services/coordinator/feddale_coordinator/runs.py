@@ -365,6 +365,10 @@ class RunEngine:
 
     # ----------------------------------------------------------------- student-trainer side
 
+    def check_job_token(self, run_id: str, token: str) -> None:
+        """401 unless ``token`` is the live job token of ``run_id`` (checked before any body is read)."""
+        self._job_run(run_id, token)
+
     def _job_run(self, run_id: str, token: str) -> RunRecord:
         run = self.store.run(run_id)
         if run is None or not run.job_token_hash or not token_matches(token, run.job_token_hash):
