@@ -22,6 +22,9 @@ from feddale.service.http import poll_until
 from feddale.ops.launcher import free_port
 
 ADMIN = "admin-token-for-tests"
+# The coordinator's upload limit in the in-process tests: above a tiny student with its ONNX bundle
+# (the tiny BERT's weights travel inside it; a MiniLM student only references its base weights).
+UPLOAD_LIMIT = 16 * 1024 * 1024
 BOOTSTRAP = "bootstrap-secret-for-tests"
 
 
@@ -73,7 +76,7 @@ def coordinator_settings(tmp: Path, redis_url: str, **changes: object):
 
     base = dict(
         redis_url=redis_url, admin_token=ADMIN, bootstrap_secret=BOOTSTRAP, artifact_dir=tmp / "artifacts",
-        config=str(fast_config(tmp)), data=None, max_upload_bytes=4 * 1024 * 1024, client_ttl_s=60.0, tick_s=0.05,
+        config=str(fast_config(tmp)), data=None, max_upload_bytes=UPLOAD_LIMIT, client_ttl_s=60.0, tick_s=0.05,
     )
     base.update(changes)
     return Settings(**base)  # type: ignore[arg-type]

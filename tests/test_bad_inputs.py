@@ -29,7 +29,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service_helpers import (
-    detector_app_with_tiny_student, ADMIN, BOOTSTRAP, admin_headers, coordinator_settings, register, serve_in_thread, wait_run,
+    ADMIN, BOOTSTRAP, UPLOAD_LIMIT, admin_headers, coordinator_settings, detector_app_with_tiny_student, register,
+    serve_in_thread, wait_run,
 )
 
 from feddale.method import adapters, models
@@ -42,7 +43,7 @@ from feddale.service.queue import fetch_job
 from feddale_coordinator.artifacts import ArtifactStore
 
 MiB = 1024 * 1024
-LIMIT = 4 * MiB  # the coordinator fixture's FEDDALE_MAX_UPLOAD_BYTES
+LIMIT = UPLOAD_LIMIT  # the coordinator fixture's FEDDALE_MAX_UPLOAD_BYTES
 
 
 def start_run(client: TestClient, **body: object) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from rq.job import JobStatus
-from service_helpers import BOOTSTRAP, RecordingTransport, admin_headers, register, wait_run
+from service_helpers import BOOTSTRAP, UPLOAD_LIMIT, RecordingTransport, admin_headers, register, wait_run
 
 from feddale.method import adapters, models
 from feddale.service.auth import auth_headers
@@ -106,7 +106,7 @@ def test_replicas_get_distinct_shards_and_a_restarted_node_keeps_its_own(coordin
         ({"mode": "sometimes"}, ["body", "mode"]),
         ({"mode": "few_shot", "fedavg_rounds": 0}, ["body", "fedavg_rounds"]),
         ({"mode": "one_shot", "teacher": {"steps": 0}}, ["body", "teacher", "steps"]),
-        ({"mode": "one_shot", "filter": "median"}, ["body", "filter"]),
+        ({"mode": "one_shot", "filter": "mode"}, ["body", "filter"]),
         ({"mode": "one_shot", "min_clients": 0}, ["body", "min_clients"]),
         ({"mode": "one_shot", "surprise": 1}, ["body", "surprise"]),
     ],
@@ -183,7 +183,7 @@ def test_wrong_accuracy_payloads_are_refused_and_the_round_is_unharmed(coordinat
     assert put(PayloadHeader(VERSION, digest, run_id, 1, me, 16), 16, round_no=2) == 409
     junk = coordinator.put(f"/v1/runs/{run_id}/rounds/1/scores", content=b"not a payload", headers=headers)
     assert junk.status_code == 422 and "magic" in junk.json()["detail"]
-    huge = coordinator.put(f"/v1/runs/{run_id}/rounds/1/scores", content=b"x" * (4 * 1024 * 1024 + 1),
+    huge = coordinator.put(f"/v1/runs/{run_id}/rounds/1/scores", content=b"x" * (UPLOAD_LIMIT + 1),
                            headers=headers)
     assert huge.status_code == 413
     assert coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()["uploaded"] == []
@@ -229,7 +229,7 @@ def test_few_shot_run_validates_adapters_then_publishes(coordinator: TestClient,
     for what, blob in bad.items():
         response = coordinator.put(url, content=blob, headers=headers)
         assert 400 <= response.status_code < 500, (what, response.status_code, response.text)
-    assert coordinator.put(url, content=b"x" * (4 * 1024 * 1024 + 1), headers=headers).status_code == 413
+    assert coordinator.put(url, content=b"x" * (UPLOAD_LIMIT + 1), headers=headers).status_code == 413
     assert coordinator.put(f"/v1/runs/{run_id}/rounds/1/adapter", content=init, headers=headers).status_code == 422
     assert coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()["uploaded"] == []
 
@@ -250,11 +250,12 @@ def test_few_shot_run_validates_adapters_then_publishes(coordinator: TestClient,
 # --------------------------------------------------------------------------- deadlines
 
 
-def upload_scores(coordinator: TestClient, node: dict, run_id: str) -> int:
+def upload_scores(coordinator: TestClient, node: dict, run_id: str, round_no: int = 1) -> int:
     """A valid accuracy payload straight from a registered node (the round logic is under test)."""
     digest = coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()["public_digest"]
-    blob = encode_scores(np.linspace(0, 1, 16), PayloadHeader(VERSION, digest, run_id, 1, node["client_id"], 16))
-    return coordinator.put(f"/v1/runs/{run_id}/rounds/1/scores", content=blob,
+    blob = encode_scores(np.linspace(0, 1, 16),
+                         PayloadHeader(VERSION, digest, run_id, round_no, node["client_id"], 16))
+    return coordinator.put(f"/v1/runs/{run_id}/rounds/{round_no}/scores", content=blob,
                            headers=auth_headers(node["token"])).status_code
 
 
@@ -296,18 +297,33 @@ def valid_adapter(coordinator: TestClient, run_id: str) -> bytes:
     return adapters.adapter_to_bytes(teacher.initial, models.lora_meta(teacher.model))
 
 
-def test_a_fedavg_that_cannot_read_an_upload_fails_the_run(coordinator: TestClient) -> None:
-    nodes = [register(coordinator, f"node-{i}") for i in range(2)]
+def test_an_unreadable_upload_drops_its_client_and_too_few_left_fail_the_run(coordinator: TestClient) -> None:
+    engine = coordinator.app.state.engine
+
+    def lose_upload(run_id: str, client_id: str) -> None:
+        """The disk loses the stored file before the round closes."""
+        engine.artifacts.path(*engine.store.uploads(run_id, 1)[client_id]["path"]).unlink()
+
+    nodes = [register(coordinator, f"node-{i}") for i in range(3)]
     run_id = start_run(coordinator, mode="few_shot", fedavg_rounds=1, min_clients=2)
     blob = valid_adapter(coordinator, run_id)
     url = f"/v1/runs/{run_id}/rounds/1/adapter?samples=5"
-    assert coordinator.put(url, content=blob, headers=auth_headers(nodes[0]["token"])).status_code == 200
-    engine = coordinator.app.state.engine
-    stored = engine.store.uploads(run_id, 1)[nodes[0]["client_id"]]["path"]
-    engine.artifacts.path(*stored).unlink()  # the disk lost it before the round closed
-    assert coordinator.put(url, content=blob, headers=auth_headers(nodes[1]["token"])).status_code == 200
+    for node in nodes[:2]:
+        assert coordinator.put(url, content=blob, headers=auth_headers(node["token"])).status_code == 200
+    lose_upload(run_id, nodes[0]["client_id"])
+    assert coordinator.put(url, content=blob, headers=auth_headers(nodes[2]["token"])).status_code == 200
+    view = wait_run(coordinator, run_id, ("distill",), timeout=30)
+    closed = view["history"][0]
+    assert closed["dropped"] == [nodes[0]["client_id"]]
+    assert closed["participants"] == sorted(n["client_id"] for n in nodes[1:])
+
+    for node in nodes:  # the distillation round: this time too few readable uploads remain
+        assert upload_scores(coordinator, node, run_id, round_no=2) == 200
+        if node is not nodes[2]:
+            lose_upload2 = engine.store.uploads(run_id, 2)[node["client_id"]]["path"]
+            engine.artifacts.path(*lose_upload2).unlink()
     view = wait_run(coordinator, run_id, ("failed",), timeout=30)
-    assert view["reason"].startswith("round 1: FedAvg failed")
+    assert view["reason"].startswith("round 2: only 1 readable upload(s)"), view["reason"]
     start_run(coordinator, mode="one_shot")
 
 

@@ -178,43 +178,58 @@ class RunEngine:
                 )
 
     def _close(self, run: RunRecord, uploads: dict[str, dict[str, Any]], closed_by: Literal["all", "deadline"]) -> None:
+        """Close the round with every upload that can still be read; an unreadable one drops its client."""
         kind = run.round_kind()
+        blobs, dropped = self._read_uploads(run, uploads)
+        if len(blobs) < run.min_clients:
+            self._fail(run, f"round {run.round}: only {len(blobs)} readable upload(s) (unreadable: "
+                            f"{', '.join(dropped) or 'none'}), fewer than min_clients={run.min_clients}")
+            return
         try:
-            ids = sorted(uploads)
             closed = close_round(kind, run.round, [
-                (self.artifacts.read(tuple(uploads[c]["path"])), int(uploads[c].get("samples", 1))) for c in ids
+                (blobs[c], int(uploads[c].get("samples", 1))) for c in sorted(blobs)
             ] if kind == "fedavg" else ())
+            if isinstance(closed, NextRound):
+                self.artifacts.write(("runs", run.run_id, f"round-{run.round}", "global.safetensors"),
+                                     closed.global_adapter)
         except (AdapterError, FederationError, OSError) as exc:
             self._fail(run, f"round {run.round}: FedAvg failed: {exc}")
             return
-        if isinstance(closed, NextRound):
-            self.artifacts.write(("runs", run.run_id, f"round-{run.round}", "global.safetensors"),
-                                 closed.global_adapter)
-        else:
-            run.outliers = self._outliers(run, uploads)
+        if not isinstance(closed, NextRound):
+            run.outliers = self._outliers(run, blobs)
         run.history.append(RoundSummary(
-            round=run.round, kind=kind, participants=sorted(uploads), closed_by=closed_by, closed_at=time.time(),
+            round=run.round, kind=kind, participants=sorted(blobs), dropped=dropped, closed_by=closed_by,
+            closed_at=time.time(),
         ))
         self.metrics.inc("rounds_closed_total", kind=kind, closed_by=closed_by)
-        log.info("run %s: round %d closed (%s) with %d client(s)", run.run_id, run.round, closed_by, len(uploads))
+        log.info("run %s: round %d closed (%s) with %d client(s)", run.run_id, run.round, closed_by, len(blobs))
         if isinstance(closed, NextRound):
             self._open_round(run, closed.round)
         else:
             run.status = "student_training"
             self._enqueue_student(run)
 
-    def _outliers(self, run: RunRecord, uploads: dict[str, dict[str, Any]]) -> list[str]:
+    def _read_uploads(self, run: RunRecord, uploads: dict[str, dict[str, Any]]) -> tuple[dict[str, bytes], list[str]]:
+        """The stored bytes of each upload, and the clients whose file is gone or unreadable."""
+        blobs, dropped = {}, []
+        for client_id in sorted(uploads):
+            try:
+                blobs[client_id] = self.artifacts.read(tuple(uploads[client_id]["path"]))
+            except (OSError, ValueError) as exc:
+                log.warning("run %s round %d: the upload of %s cannot be read (%s); dropping it",
+                            run.run_id, run.round, client_id, exc)
+                dropped.append(client_id)
+        return blobs, dropped
+
+    def _outliers(self, run: RunRecord, payloads: dict[str, bytes]) -> list[str]:
         """Clients whose accuracy payloads disagree with everyone else's (shown in the run status)."""
-        ids = sorted(uploads)
         try:
-            matrix = score_matrix(
-                {c: self.artifacts.read(tuple(uploads[c]["path"])) for c in ids}, digest=run.public_digest,
-                run_id=run.run_id, round_no=run.round, count=run.public_count,
-            )
-        except (PayloadError, OSError, ValueError) as exc:  # the student job re-checks and reports
+            matrix = score_matrix(payloads, digest=run.public_digest, run_id=run.run_id, round_no=run.round,
+                                  count=run.public_count)
+        except (PayloadError, ValueError) as exc:  # the student job re-checks and reports
             log.warning("run %s: payloads not compared for outliers: %s", run.run_id, exc)
             return []
-        flagged = flag_outliers(matrix, ids)
+        flagged = flag_outliers(matrix, sorted(payloads))
         if flagged:
             log.warning("run %s: payloads of %s disagree with the other clients", run.run_id, ", ".join(flagged))
         return flagged
@@ -382,8 +397,13 @@ class RunEngine:
         run = self._job_run(run_id, token)
         if run.status != "student_training":
             raise ApiError(409, f"run {run_id} is {run.status}, not waiting for a student")
+        # The participants the round closed with: an upload unreadable at close was dropped then.
+        closed = next((h for h in reversed(run.history) if h.round == run.round), None)
         uploads = self.store.uploads(run.run_id, run.round)
-        payloads = {c: base64.b64encode(self.artifacts.read(tuple(u["path"]))).decode() for c, u in uploads.items()}
+        if closed is not None:
+            uploads = {c: u for c, u in uploads.items() if c in closed.participants}
+        blobs, _ = self._read_uploads(run, uploads)
+        payloads = {c: base64.b64encode(blob).decode() for c, blob in blobs.items()}
         return StudentInputs(
             run_id=run.run_id, round=run.round, config=run.config,
             public=PublicSetBody.model_validate_json(self.artifacts.read(("public", f"{run.public_digest}.json"))),

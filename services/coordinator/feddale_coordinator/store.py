@@ -46,6 +46,7 @@ class RoundSummary(BaseModel):
     round: int
     kind: Literal["fedavg", "distill"]
     participants: list[str]
+    dropped: list[str] = []  # uploaded, but the file could not be read when the round closed
     closed_by: Literal["all", "deadline"]
     closed_at: float
 
