@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/feddale demo $(DATA_ARG)
 
 simulate: $(STAMP)
-	$(BIN)/feddale simulate --config configs/cpu.yaml $(DATA_ARG)
+	$(BIN)/feddale simulate --config cpu $(DATA_ARG)
 
 bench: $(STAMP)
 	$(BIN)/feddale bench --config bench $(DATA_ARG)

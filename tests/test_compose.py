@@ -19,6 +19,7 @@ import yaml
 
 from deploy_facts import ROOT, SERVICE_NAMES, all_env_names, service_facts, url_host, url_port
 
+PROFILES = ROOT / "shared" / "feddale" / "profiles"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA_FILE = Path(__file__).parent / "data" / "compose-spec.json"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -171,7 +172,7 @@ def test_service_urls_name_compose_services_and_their_ports(compose: dict) -> No
 
 def test_run_profile_exists(compose: dict) -> None:
     profile = interpolate(service_env(compose["services"]["coordinator"])["FEDDALE_CONFIG"])
-    assert (ROOT / "configs" / f"{profile}.yaml").is_file(), f"configs/{profile}.yaml is missing"
+    assert (PROFILES / f"{profile}.yaml").is_file(), f"profile {profile} is missing"
 
 
 def test_secrets_come_from_the_env_file_only(compose: dict) -> None:

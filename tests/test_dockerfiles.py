@@ -125,7 +125,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context(name: str) -> None
 def test_dockerignore_keeps_local_state_out() -> None:
     for path in (".venv", ".git", "runs", "tests", ".env", "shared/feddale/__pycache__"):
         assert _ignored(path), f"{path} would be sent to every image build"
-    for path in ("shared/feddale/ops/cli.py", "configs/tiny.yaml", "constraints.txt", "docker/healthcheck.py"):
+    for path in ("shared/feddale/ops/cli.py", "shared/feddale/profiles/tiny.yaml", "constraints.txt", "docker/healthcheck.py"):
         assert not _ignored(path)
 
 

@@ -21,7 +21,7 @@ CORE_MODULES = (
 )
 
 
-def run_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedProcess[str]:
+def run_blocked(blocked: tuple[str, ...], body: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``body`` in a fresh interpreter in which importing any of ``blocked`` fails."""
     script = textwrap.dedent(f"""
         import importlib.abc, sys
@@ -33,7 +33,7 @@ def run_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedProc
                 return None
         sys.meta_path.insert(0, Refuse())
     """) + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def test_core_imports_without_the_web_stack() -> None:
@@ -48,8 +48,9 @@ def test_the_block_is_real() -> None:
     assert done.returncode != 0 and "blocked in this test" in done.stderr
 
 
-def test_reading_a_config_loads_no_torch() -> None:
-    done = run_blocked(("torch", "transformers", "peft"), """
+def test_reading_a_config_loads_no_torch(tmp_path) -> None:
+    """Also from outside the checkout: the profiles ship inside the package."""
+    done = run_blocked(("torch", "transformers", "peft"), cwd=str(tmp_path), body="""
         from feddale.method.config import load_config
         cfg = load_config("cpu")
         print(cfg.teacher.steps > 0 and cfg.student.base != "")

@@ -246,7 +246,7 @@ def test_internal_urls_name_services(manifests: list[dict[str, Any]]) -> None:
     assert coordinator["spec"]["ports"][0]["port"] == url_port(data["FEDDALE_COORDINATOR_URL"])
     redis = find(manifests, "Service", url_host(data["FEDDALE_REDIS_URL"]))
     assert redis["spec"]["ports"][0]["port"] == url_port(data["FEDDALE_REDIS_URL"])
-    assert (ROOT / "configs" / f"{data['FEDDALE_CONFIG']}.yaml").is_file()
+    assert (ROOT / "shared" / "feddale" / "profiles" / f"{data['FEDDALE_CONFIG']}.yaml").is_file()
 
 
 def test_volume_mounts_have_volumes(manifests: list[dict[str, Any]]) -> None:

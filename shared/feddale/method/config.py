@@ -3,7 +3,7 @@
 Reading a config imports no torch: every section (teacher, scoring, student, data) is declared here
 and the modules that train or score import their section from this one.
 
-Profiles live as YAML files in the repository's `configs/` folder (`tiny`, `cpu`, `bench`, `paper`); a profile
+Profiles ship as YAML files inside the package (`feddale/profiles/`: `tiny`, `cpu`, `bench`, `paper`); a profile
 name or a file path both resolve through `load_config`, so every entry point speaks the same language.
 """
 
@@ -180,17 +180,16 @@ class RunConfig(BaseModel):
     bench: BenchConfig = BenchConfig()
 
 
-def configs_dir() -> Path:
-    """The repository's `configs/` folder (or `$FEDDALE_CONFIG_DIR`), found from this file or the cwd."""
-    env = os.environ.get("FEDDALE_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise FileNotFoundError(
-        "no configs/ folder found; set FEDDALE_CONFIG_DIR or pass a config file path"
-    )
+def profiles_dir() -> Path:
+    """Where profiles live: ``$FEDDALE_CONFIG_DIR`` when set, else the package's own ``profiles/``.
+
+    The profiles ship as package data, so ``--config cpu`` works from any installed copy, in or
+    outside a checkout, and in the images without a copied folder.
+    """
+    configured = os.environ.get("FEDDALE_CONFIG_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[1] / "profiles"
 
 
 def load_config(
@@ -201,7 +200,7 @@ def load_config(
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     path = Path(name_or_path)
     if name_or_path in PROFILES:
-        path = configs_dir() / f"{name_or_path}.yaml"
+        path = profiles_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(
             f"config {name_or_path!r} is neither a profile ({', '.join(PROFILES)}) nor an existing file"
