@@ -188,6 +188,11 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
             raise ApiError(404, f"unknown run {run_id!r}")
         return _run_view(store, run, settings.client_ttl_s)
 
+    @app.post("/v1/runs/{run_id}/cancel", response_model=RunView, tags=["admin"])
+    def cancel_run(run_id: SafeId, _: None = Depends(admin)) -> RunView:
+        """End the run now (409 if it already ended): clients get no more tasks, its student job is cancelled."""
+        return _run_view(store, engine.cancel(run_id), settings.client_ttl_s)
+
     @app.get("/v1/clients", tags=["admin"])
     def list_clients(_: None = Depends(admin)) -> list[dict[str, Any]]:
         alive = store.alive(settings.client_ttl_s)

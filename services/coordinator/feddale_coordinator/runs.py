@@ -290,6 +290,30 @@ class RunEngine:
         self.metrics.inc("runs_finished_total", status="failed")
         log.warning("run %s failed: %s", run.run_id, reason)
 
+    def cancel(self, run_id: str) -> RunRecord:
+        """End a run now, cleanly: no task or upload is taken from here on and its student job is cancelled.
+
+        Under the run's lock, so no round closes and no student is published halfway through; a
+        student job already training finds the run cancelled when it tries to publish (409).
+        """
+        with self.store.run_lock(run_id):
+            run = self.store.run(run_id)
+            if run is None:
+                raise ApiError(404, f"unknown run {run_id!r}")
+            if run.status in FINAL:
+                raise ApiError(409, f"run {run_id} has already ended ({run.status})")
+            if run.job_id:
+                try:
+                    fetch_job(run.job_id, self.queue.connection).cancel()
+                except NoSuchJobError:
+                    pass
+            run.status, run.reason = "cancelled", "cancelled by the operator"
+            self.store.save_run(run)
+            self.store.release_active(run_id)
+        self.metrics.inc("runs_finished_total", status="cancelled")
+        log.info("run %s cancelled", run_id)
+        return run
+
     # ----------------------------------------------------------------- client side
 
     def task_for(self, client_id: str) -> Task | None:

@@ -29,8 +29,8 @@ P = "feddale:"
 LOCK_TTL_S = 15.0
 LOCK_WAIT_S = 600.0
 Role = Literal["client", "detector"]
-RunStatus = Literal["fedavg", "distill", "student_training", "published", "failed"]
-FINAL = ("published", "failed")
+RunStatus = Literal["fedavg", "distill", "student_training", "published", "failed", "cancelled"]
+FINAL = ("published", "failed", "cancelled")
 
 
 class ClientRecord(BaseModel):

@@ -1,4 +1,4 @@
-"""`feddale` command line: simulate, data, up, demo, bench, logs."""
+"""`feddale` command line: simulate, data, up, demo, bench, logs, runs, clients."""
 
 from __future__ import annotations
 
@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben.set_defaults(func=_bench)
 
     from feddale.ingest.cli import add_logs_commands  # raw logs of any system (feddale logs ...)
+    from feddale.ops.operate import add_operator_commands  # a running coordinator (feddale runs|clients ...)
 
     add_logs_commands(sub)
+    add_operator_commands(sub)
     return parser
 
 
