@@ -215,3 +215,42 @@ def test_student_follower_swaps_only_on_a_new_version(students: tuple[bytes, byt
     stop = threading.Event()
     stop.set()
     follower.run(stop, 0.01)  # returns at once when stopped
+
+
+def test_a_request_that_outlives_its_deadline_is_answered_504() -> None:
+    import asyncio
+
+    from feddale.service.limits import RequestDeadline
+
+    app = FastAPI()
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(5)
+        return {"done": "late"}
+
+    @app.get("/fast")
+    async def fast() -> dict[str, str]:
+        return {"done": "now"}
+
+    with TestClient(RequestDeadline(app, 0.2)) as client:
+        late = client.get("/slow")
+        assert late.status_code == 504 and "0.2 s" in late.json()["detail"]
+        assert client.get("/fast").json() == {"done": "now"}
+
+
+def test_serve_applies_the_deadline_and_the_connection_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from feddale.service.limits import RequestDeadline
+    from feddale.service.server import serve
+
+    from feddale_coordinator.settings import Settings
+
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    settings = Settings(admin_token="a" * 32, bootstrap_secret="b" * 32, request_timeout_s=12, max_connections=7)
+    app = FastAPI()
+    serve(app, settings)
+    assert isinstance(seen["app"], RequestDeadline) and seen["app"].app is app and seen["app"].seconds == 12
+    assert seen["limit_concurrency"] == 7 and seen["port"] == 8000

@@ -116,3 +116,33 @@ async def _reply(send: Send, status: int, detail: str) -> None:
 def limit_bodies(app: FastAPI, rules: Sequence[tuple[str, str, int]] = (), default: int = SMALL_BODY_BYTES) -> None:
     """Install :class:`BodyLimit` on ``app`` (before it starts)."""
     app.add_middleware(BodyLimit, rules=rules, default=default)
+
+
+class RequestDeadline:
+    """ASGI middleware: every request ends within ``seconds``, answered 504 if nothing was sent yet.
+
+    Body timeouts catch a sender that stalls; this catches everything else that would hold a
+    connection and its task forever (a slow trickle of bytes, a handler stuck on a dependency).
+    A response already under way is cut off instead, which the client sees as a broken transfer.
+    """
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracked), self.seconds)
+        except asyncio.TimeoutError:
+            if not started:
+                await _reply(send, 504, f"the request did not complete within {self.seconds:g} s")

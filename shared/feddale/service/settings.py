@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-from pydantic import AfterValidator, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -53,6 +53,8 @@ class ServiceSettings(BaseSettings):
     tls_cert: str | None = None  # serve HTTPS with this certificate (and tls_key)
     tls_key: str | None = None
     tls_ca: str | None = None  # trust this CA when calling other services
+    request_timeout_s: float = Field(600.0, gt=0)  # every request ends within this (504 if unanswered)
+    max_connections: int = Field(1000, ge=1)  # served at once; uvicorn answers 503 beyond
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServiceSettings:
