@@ -9,6 +9,7 @@ import math
 import struct
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ from service_helpers import BOOTSTRAP, UPLOAD_LIMIT, RecordingTransport, admin_h
 
 from feddale.method import adapters, models
 from feddale.service.auth import auth_headers
-from feddale.service.http import CoordinatorSession
+from feddale.service.http import Backoff, CoordinatorSession, RetryableStatus
 from feddale.method.payload import VERSION, PayloadHeader, encode_scores
 from feddale.method.config import RunConfig
 from feddale.protocol.messages import Task, TaskResponse
@@ -375,3 +376,46 @@ def test_a_pickled_job_pushed_into_redis_does_not_run(redis_client, tmp_path: Pa
     worker.work(burst=True)
     assert not marker.exists()
     assert len(queue) == 0  # taken off the queue, not left to be retried forever
+
+
+def test_an_outage_while_publishing_does_not_retrain(
+    coordinator: TestClient, redis_client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's publishing retries run out; RQ's retry publishes the student already trained."""
+    import feddale_student_trainer.jobs as jobs
+
+    monkeypatch.setenv("FEDDALE_STATE_DIR", str(tmp_path / "trainer"))
+    monkeypatch.setattr(jobs, "HTTP_ATTEMPTS", 2)
+    monkeypatch.setattr(jobs, "Backoff", lambda *args: Backoff(0.01, 0.02))  # no minute-long waits here
+    node = register(coordinator, "node-0")
+    run_id = start_run(coordinator, mode="one_shot", min_clients=1)
+    assert upload_scores(coordinator, node, run_id) == 200
+    wait_run(coordinator, run_id, ("student_training",), timeout=30)
+    token = fetch_job(f"student-{run_id}", redis_client).kwargs["job_token"]
+
+    class PublishingOutage(httpx.BaseTransport):
+        """The coordinator answers everything but the student upload, which gets 503."""
+
+        def __init__(self, inner: httpx.BaseTransport) -> None:
+            self.inner, self.puts = inner, 0
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "PUT":
+                self.puts += 1
+                return httpx.Response(503, json={"detail": "restarting"}, request=request)
+            return RecordingTransport(self.inner).handle_request(request)
+
+    outage = PublishingOutage(coordinator._transport)
+    with pytest.raises(RetryableStatus):  # what RQ records as the failure, then retries the job
+        jobs.train_student_job(run_id, token, "http://testserver", transport=outage)
+    assert outage.puts == 2 and (tmp_path / "trainer" / run_id / jobs.STUDENT_FILE).is_file()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the retry trained a second student")
+
+    monkeypatch.setattr(jobs, "distil", no_training)
+    published = jobs.train_student_job(run_id, token, "http://testserver",
+                                       transport=RecordingTransport(coordinator._transport))
+    view = wait_run(coordinator, run_id, ("published",), timeout=30)
+    assert view["student_version"] == published["version"]
+    assert not (tmp_path / "trainer" / run_id).exists()  # nothing kept once published

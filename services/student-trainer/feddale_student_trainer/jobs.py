@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import shutil
 from typing import Any
 
 import httpx
@@ -19,7 +20,9 @@ import httpx
 from feddale.data.deployment import public_digest
 from feddale.data.types import Session
 from feddale.method.config import RunConfig
-from feddale.protocol.messages import StudentInfo, StudentInputs
+from feddale.files import atomic_write
+from feddale.method.models import cache_dir
+from feddale.protocol.messages import PseudoLabelSummary, StudentInfo, StudentInputs
 from feddale.protocol.rounds import distil, score_matrix
 from feddale.service.auth import auth_headers
 from feddale.service.http import Backoff, check, http_client, with_retries
@@ -30,6 +33,7 @@ from feddale_student_trainer.settings import Settings
 log = logging.getLogger(__name__)
 
 HTTP_ATTEMPTS = 8  # with backoff from 1 s up to 15 s: about a minute of coordinator downtime
+STUDENT_FILE, LABELS_FILE = "student.bin", "pseudo-labels.json"
 
 
 def train_student_job(
@@ -38,35 +42,52 @@ def train_student_job(
     coordinator_url: str | None = None,
     transport: httpx.BaseTransport | None = None,
 ) -> dict[str, Any]:
-    """Train and publish the student of ``run_id`` with :func:`feddale.protocol.rounds.distil`."""
+    """Train and publish the student of ``run_id`` with :func:`feddale.protocol.rounds.distil`.
+
+    The trained student is kept on disk until it is published: when the coordinator stays away
+    longer than the publishing retries and RQ runs the job again, the retry publishes that
+    student instead of training another one.
+    """
     settings = load_settings(Settings)
+    kept = (settings.state_dir or cache_dir() / "student-jobs") / run_id
     kwargs: dict[str, Any] = {"transport": transport} if transport is not None else {}
     headers = auth_headers(job_token)
     with http_client(coordinator_url or settings.coordinator_url, timeout=600.0, ca=settings.tls_ca, **kwargs) as http:
-        inputs = StudentInputs.model_validate(with_retries(
-            lambda: check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json(),
-            attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"student inputs of {run_id}",
-        ))
-        cfg = RunConfig.model_validate(inputs.config)
-        public = [Session(id=s.id, messages=tuple(s.messages)) for s in inputs.public.sessions]
-        digest = public_digest(public)
-        if digest != inputs.public.digest or len(public) != inputs.public_count:
-            raise ValueError(f"run {run_id}: the public set received does not match its digest")
-        matrix = score_matrix(
-            {client: base64.b64decode(blob) for client, blob in inputs.payloads.items()},
-            digest=digest, run_id=run_id, round_no=inputs.round, count=len(public),
-        )
-        distilled = distil(cfg, [s.text for s in public], matrix)
-        log.info("run %s: %d clients, %d pseudo-labelled rows", run_id, matrix.shape[0],
-                 len(distilled.selection.texts))
-        blob = distilled.artifact.to_bytes()
+        if (kept / STUDENT_FILE).is_file() and (kept / LABELS_FILE).is_file():
+            blob = (kept / STUDENT_FILE).read_bytes()
+            summary = PseudoLabelSummary.model_validate_json((kept / LABELS_FILE).read_bytes())
+            log.info("run %s: publishing the student trained by an earlier attempt", run_id)
+        else:
+            blob, summary = _train(http, headers, run_id)
+            atomic_write(kept / LABELS_FILE, summary.model_dump_json())
+            atomic_write(kept / STUDENT_FILE, blob)
         published = StudentInfo.model_validate(with_retries(
             lambda: check(http.put(
-                f"/v1/runs/{run_id}/student", content=blob,
-                params=distilled.summary.model_dump(),
+                f"/v1/runs/{run_id}/student", content=blob, params=summary.model_dump(),
                 headers={**headers, "Content-Type": "application/octet-stream"},
             )).json(),
             attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"publishing the student of {run_id}",
         ))
+    shutil.rmtree(kept, ignore_errors=True)
     log.info("run %s: student %s published", run_id, published.version)
-    return {"version": published.version, "clients": int(matrix.shape[0]), "rows": len(distilled.selection.texts)}
+    return {"version": published.version, "normal": summary.normal, "anomalous": summary.anomalous}
+
+
+def _train(http: httpx.Client, headers: dict[str, str], run_id: str) -> tuple[bytes, PseudoLabelSummary]:
+    """Download the run's inputs, re-check them, distil; the student's bytes and its pseudo-labels."""
+    inputs = StudentInputs.model_validate(with_retries(
+        lambda: check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json(),
+        attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"student inputs of {run_id}",
+    ))
+    cfg = RunConfig.model_validate(inputs.config)
+    public = [Session(id=s.id, messages=tuple(s.messages)) for s in inputs.public.sessions]
+    digest = public_digest(public)
+    if digest != inputs.public.digest or len(public) != inputs.public_count:
+        raise ValueError(f"run {run_id}: the public set received does not match its digest")
+    matrix = score_matrix(
+        {client: base64.b64decode(blob) for client, blob in inputs.payloads.items()},
+        digest=digest, run_id=run_id, round_no=inputs.round, count=len(public),
+    )
+    distilled = distil(cfg, [s.text for s in public], matrix)
+    log.info("run %s: %d clients, %d pseudo-labelled rows", run_id, matrix.shape[0], len(distilled.selection.texts))
+    return distilled.artifact.to_bytes(), distilled.summary

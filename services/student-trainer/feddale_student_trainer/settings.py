@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from feddale.service.settings import DEFAULT_COORDINATOR_URL, DEFAULT_REDIS_URL, ServiceSettings
 
 
@@ -10,3 +12,4 @@ class Settings(ServiceSettings):
     redis_url: str = DEFAULT_REDIS_URL
     coordinator_url: str = DEFAULT_COORDINATOR_URL  # where jobs read their inputs and publish
     job_heartbeat_s: int = 10
+    state_dir: Path | None = None  # trained students kept until published (default: the model cache)
