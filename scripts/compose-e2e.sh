@@ -126,7 +126,7 @@ build_images() {
 # its dependency stage drifted back to the shared one.
 check_detector_has_no_torch() {
     podman run --rm "feddale/detector:$TAG" python -c \
-        'import importlib.util as u, sys; bad = [m for m in ("torch", "transformers") if u.find_spec(m)]; sys.exit(", ".join(bad))' \
+        'import importlib.util as u, sys; bad = [m for m in ("torch", "transformers") if u.find_spec(m)]; print(*bad); sys.exit(1 if bad else 0)' \
         || die "the detector image carries torch or transformers"
     log "feddale/detector:$TAG has no torch and no transformers"
 }
@@ -160,6 +160,7 @@ write_env_file() {
     # the coordinator's admin port goes to a free loopback port.
     sed -e "s/^FEDDALE_ADMIN_TOKEN=.*/FEDDALE_ADMIN_TOKEN=$(random_hex)/" \
         -e "s/^FEDDALE_BOOTSTRAP_SECRET=.*/FEDDALE_BOOTSTRAP_SECRET=$(random_hex)/" \
+        -e "s/^FEDDALE_REDIS_PASSWORD=.*/FEDDALE_REDIS_PASSWORD=$(random_hex)/" \
         -e "s/^FEDDALE_CONFIG=.*/FEDDALE_CONFIG=$RUN_PROFILE/" \
         -e "s|^FEDDALE_COORDINATOR_PUBLISH=.*|FEDDALE_COORDINATOR_PUBLISH=127.0.0.1::8000|" \
         -e "s|^FEDDALE_TAG=.*|FEDDALE_TAG=$TAG|" \

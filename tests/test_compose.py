@@ -165,7 +165,7 @@ def test_service_urls_name_compose_services_and_their_ports(compose: dict) -> No
             url = env["FEDDALE_COORDINATOR_URL"]
             assert url_host(url) == "coordinator" and url_port(url) == service_facts("coordinator").port
         if "FEDDALE_REDIS_URL" in service_facts(name).env:
-            url = env["FEDDALE_REDIS_URL"]
+            url = interpolate(env["FEDDALE_REDIS_URL"], {"FEDDALE_REDIS_PASSWORD": "pw"})
             assert url_host(url) == "redis" and url_port(url) == 6379
             assert url_host(url) in compose["services"]
 
@@ -226,6 +226,22 @@ def test_redis_persists_to_a_volume(compose: dict) -> None:
     assert command[command.index("--appendonly") + 1] == "yes"
     data_dir = command[command.index("--dir") + 1]
     assert any(v.split(":")[1] == data_dir and v.split(":")[0] in compose["volumes"] for v in redis["volumes"])
+
+
+def test_redis_needs_a_password_only_the_coordinator_and_the_trainer_hold(compose: dict) -> None:
+    secret = {"FEDDALE_REDIS_PASSWORD": "pw"}
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert interpolate(command[command.index("--requirepass") + 1], secret) == "pw"
+    assert interpolate(service_env(redis)["REDISCLI_AUTH"], secret) == "pw"  # the healthcheck's redis-cli
+    with pytest.raises(KeyError):  # compose refuses to start without it
+        interpolate(command[command.index("--requirepass") + 1], {})
+    for name, service in feddale_services(compose).items():
+        url = service_env(service).get("FEDDALE_REDIS_URL")
+        if name in ("coordinator", "student-trainer"):
+            assert url is not None and interpolate(url, secret) == "redis://:pw@redis:6379/0"
+        else:
+            assert url is None and "REDIS_PASSWORD" not in json.dumps(service), f"{name} must not hold it"
 
 
 def test_coordinator_artifacts_on_a_named_volume(compose: dict) -> None:

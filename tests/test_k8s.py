@@ -144,9 +144,9 @@ def test_the_issue_s_objects_exist(manifests: list[dict[str, Any]]) -> None:
 
 def test_secret_is_a_template_without_real_values(manifests: list[dict[str, Any]]) -> None:
     secret = find(manifests, "Secret", "feddale-secrets")
-    assert set(secret["stringData"]) == {"FEDDALE_ADMIN_TOKEN", "FEDDALE_BOOTSTRAP_SECRET"}
+    assert set(secret["stringData"]) == {"FEDDALE_ADMIN_TOKEN", "FEDDALE_BOOTSTRAP_SECRET", "REDIS_PASSWORD"}
     assert all(v.startswith("REPLACE-WITH-") for v in secret["stringData"].values())
-    assert len(set(secret["stringData"].values())) == 2, "distinct placeholders, so sed can fill each"
+    assert len(set(secret["stringData"].values())) == 3, "distinct placeholders, so sed can fill each"
     assert secret["metadata"]["labels"]["feddale.io/secret-template"] == "true"
     others = [d for d in manifests if d is not secret]
     assert not any("feddale.io/secret-template" in d["metadata"].get("labels", {}) for d in others)
@@ -244,9 +244,28 @@ def test_internal_urls_name_services(manifests: list[dict[str, Any]]) -> None:
     data = find(manifests, "ConfigMap", "feddale-config")["data"]
     coordinator = find(manifests, "Service", url_host(data["FEDDALE_COORDINATOR_URL"]))
     assert coordinator["spec"]["ports"][0]["port"] == url_port(data["FEDDALE_COORDINATOR_URL"])
-    redis = find(manifests, "Service", url_host(data["FEDDALE_REDIS_URL"]))
-    assert redis["spec"]["ports"][0]["port"] == url_port(data["FEDDALE_REDIS_URL"])
     assert (ROOT / "shared" / "feddale" / "profiles" / f"{data['FEDDALE_CONFIG']}.yaml").is_file()
+    assert "FEDDALE_REDIS_URL" not in data, "the Redis URL carries its password: only the pods that need it"
+
+
+def test_redis_needs_a_password_only_the_coordinator_and_the_trainer_hold(manifests: list[dict[str, Any]]) -> None:
+    redis_set = find(manifests, "StatefulSet", "redis")
+    args = container(redis_set)["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    redis_env = {e["name"]: e for e in container(redis_set)["env"]}
+    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"
+    assert redis_env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"  # the probes
+    service = find(manifests, "Service", "redis")
+    for w in workloads(manifests):
+        if w["metadata"]["name"] == "redis":
+            continue
+        env = [e["name"] for e in container(w).get("env", [])]
+        if w["metadata"]["name"] in ("coordinator", "student-trainer"):
+            assert env.index("REDIS_PASSWORD") < env.index("FEDDALE_REDIS_URL"), "defined before it is expanded"
+            url = next(e["value"] for e in container(w)["env"] if e["name"] == "FEDDALE_REDIS_URL")
+            assert url == f"redis://:$(REDIS_PASSWORD)@redis:{service['spec']['ports'][0]['port']}/0"
+        else:
+            assert "REDIS_PASSWORD" not in env and "FEDDALE_REDIS_URL" not in env, w["metadata"]["name"]
 
 
 def test_volume_mounts_have_volumes(manifests: list[dict[str, Any]]) -> None:

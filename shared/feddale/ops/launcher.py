@@ -182,15 +182,17 @@ class LocalFederation:
         port = free_port()
         data_dir = self.work_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
+        # A password even on loopback: any local process could otherwise write the run state.
+        password = new_token()
         service = Service(
             name="redis",
             argv=[str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                  "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
+                  "--appendonly", "yes", "--save", "", "--protected-mode", "yes", "--requirepass", password],
             env=dict(os.environ), log_path=self.work_dir / "logs" / "redis.log",
         )
         service.start()
         self.services["redis"] = service
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
         import redis
 
         client = redis.Redis.from_url(self.redis_url)
