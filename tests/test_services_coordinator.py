@@ -419,3 +419,21 @@ def test_an_outage_while_publishing_does_not_retrain(
     view = wait_run(coordinator, run_id, ("published",), timeout=30)
     assert view["student_version"] == published["version"]
     assert not (tmp_path / "trainer" / run_id).exists()  # nothing kept once published
+
+
+def test_a_write_error_while_storing_an_upload_is_a_503_and_records_nothing(
+    coordinator: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = register(coordinator, "node-0")
+    run_id = start_run(coordinator, mode="one_shot", min_clients=1, round_deadline_s=600)
+    engine = coordinator.app.state.engine
+
+    def disk_full(parts, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.artifacts, "write", disk_full)
+    assert upload_scores(coordinator, node, run_id) == 503
+    view = coordinator.get(f"/v1/runs/{run_id}", headers=admin_headers()).json()
+    assert view["status"] == "distill" and view["uploaded"] == []  # the run goes on; the client retries
+    monkeypatch.undo()
+    assert upload_scores(coordinator, node, run_id) == 200

@@ -381,7 +381,11 @@ class RunEngine:
         """Write the upload under a content-addressed name, then record it if the round is still open."""
         sha = hashlib.sha256(blob).hexdigest()
         parts = ("runs", run.run_id, f"round-{run.round}", folder, f"{client_id}-{sha[:16]}.{ext}")
-        self.artifacts.write(parts, blob)
+        try:
+            self.artifacts.write(parts, blob)
+        except OSError as exc:  # a full or failing disk: nothing recorded, the client retries the upload
+            log.error("run %s: storing the upload of %s failed: %s", run.run_id, client_id, exc)
+            raise ApiError(503, f"the coordinator could not store the upload ({exc.strerror or exc}); retry") from exc
         with self.store.run_lock(run.run_id):
             current = self.store.run(run.run_id)
             if current is None or current.status != run.status or current.round != run.round:
