@@ -114,7 +114,7 @@ class ServingOptions:
     precision: Precision = "fp32"
     cache_dir: Path | None = None
     batch_size: int = 8
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int | None = None  # None: the runtime's default (feddale.method.detector)
 
 
 def load_student(blob: bytes, published_at: float | None = None, options: ServingOptions | None = None) -> LoadedModel:
