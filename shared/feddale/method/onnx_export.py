@@ -4,8 +4,9 @@ Runs where the student is trained (:func:`feddale.method.student.train_student` 
 :func:`with_onnx` last), because the detector image has no torch to export with. The model is
 rebuilt *from the artifact* (fp16-rounded LoRA and head, exactly what the torch detector serves),
 LoRA is merged, attention is switched to its eager form (it traces to the plain
-MatMul/Softmax pattern ONNX Runtime fuses; the SDPA form measured ~1.9x slower at 256 tokens),
-and the graph is exported with torch's dynamo exporter (onnxscript), dynamic in batch and length.
+MatMul/Softmax pattern ONNX Runtime fuses; the SDPA form adds NaN guards and masks and measured
+slower here at 256 tokens), and the graph is exported with torch's dynamo exporter (onnxscript),
+dynamic in batch and length.
 The exporter's optimizer renames and pre-transposes weights, so weights are matched back to
 the model's parameters by value, then to the base model's file (see
 :mod:`feddale.method.onnx_bundle`).
