@@ -129,7 +129,8 @@ def serve_in_thread(app, **config: object) -> Iterator[str]:
 def detector_app_with_tiny_student():
     """The real detector app already serving a tiny student; its coordinator is stubbed and reachable.
 
-    The stub registers the detector and answers /healthz (so /readyz is 200) and nothing else:
+    The stub registers the detector and answers /healthz and nothing else (/readyz is 200 because a
+    student is loaded):
     there is no newer student to follow.
     """
     from feddale.service.serving import load_student

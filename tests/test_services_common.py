@@ -5,6 +5,7 @@ students."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 import random
 import threading
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from feddale.service.auth import hash_token, token_matches
-from feddale.service.http import Backoff, CoordinatorSession, RetryableStatus, check, with_retries
+from feddale.service.http import Backoff, CoordinatorSession, RetryableStatus, check, poll_until, with_retries
 from feddale.service.limits import read_body
 from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.serving import MicroBatcher, ModelSlot, StudentFollower, add_detect_routes, load_student
@@ -254,3 +255,68 @@ def test_serve_applies_the_deadline_and_the_connection_limit(monkeypatch: pytest
     serve(app, settings)
     assert isinstance(seen["app"], RequestDeadline) and seen["app"].app is app and seen["app"].seconds == 12
     assert seen["limit_concurrency"] == 7 and seen["port"] == 8000
+
+
+# --------------------------------------------------------------------------- detector availability
+
+
+def test_a_detector_restarted_during_a_coordinator_outage_serves_its_cached_student(tmp_path: Path) -> None:
+    """Ready means a student is loaded: from the state dir at start-up, while the coordinator is down."""
+    from service_helpers import BOOTSTRAP
+
+    from feddale_detector.app import create_app
+    from feddale_detector.settings import Settings
+
+    cfg = StudentConfig(base="tiny:bert", steps=1, batch_size=4, micro_batch=4, max_len=32, onnx=False)
+    artifact = train_student(["a b c", "d e f", "g h i", "j k l"], [0, 0, 1, 1], cfg, progress=False)
+
+    def coordinator_down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("coordinator down", request=request)
+
+    settings = Settings(coordinator_url="http://coordinator", bootstrap_secret=BOOTSTRAP, node_name="det",
+                        state_dir=tmp_path, student_poll_s=0.05)
+    with TestClient(create_app(settings, transport=httpx.MockTransport(coordinator_down))) as empty:
+        assert empty.get("/readyz").json() == {"ready": False, "checks": {"student": False}}
+        assert empty.post("/v1/detect", json={"sessions": [{"id": "s", "messages": ["a b c"]}]}).status_code == 503
+
+    (tmp_path / f"student-{artifact.version}.bin").write_bytes(artifact.to_bytes())  # served before the outage
+    with TestClient(create_app(settings, transport=httpx.MockTransport(coordinator_down))) as restarted:
+        assert poll_until(lambda: restarted.get("/readyz").status_code == 200, 30)
+        answer = restarted.post("/v1/detect", json={"sessions": [{"id": "s", "messages": ["a b c"]}]})
+        assert answer.status_code == 200 and answer.json()["model_version"] == artifact.version
+
+
+def test_a_full_queue_sheds_load_with_429(students: tuple[bytes, bytes]) -> None:
+    """Requests beyond the queue bound are refused at once with Retry-After, never queued without end."""
+    from feddale.service.serving import Overloaded
+
+    slot = ModelSlot()
+    slot.swap(load_student(students[0]))
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(slot, max_queue=2)
+        batcher.start()
+        assert batcher._task is not None
+        batcher._task.cancel()  # nothing drains the queue: it fills
+        waiting = [asyncio.create_task(batcher.detect([["a"]])) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.detect([["a"]])
+        for task in waiting:
+            task.cancel()
+
+    asyncio.run(scenario())
+
+    app = FastAPI()
+    metrics = Metrics("t")
+    batcher = MicroBatcher(slot, metrics=metrics)
+
+    async def overloaded(sessions: list[list[str]]):
+        raise Overloaded()
+
+    batcher.detect = overloaded  # type: ignore[method-assign]
+    add_detect_routes(app, slot, batcher, metrics)
+    with TestClient(app) as client:
+        shed = client.post("/v1/detect", json={"sessions": [{"id": "s", "messages": ["x"]}]})
+    assert shed.status_code == 429 and shed.headers["retry-after"] == "1"
+    assert metrics.value("requests_shed_total") == 1

@@ -110,7 +110,7 @@ def test_services_speak_https_only_with_the_configured_certificate(tls_services:
 
 def test_a_detector_with_the_ca_registers_over_tls_and_one_without_cannot(tls_services: dict) -> None:
     cert = tls_services["cert"]
-    assert poll_until(lambda: status(tls_services["detector"], "/readyz", cert) == 200, 60), \
+    assert poll_until(lambda: status(tls_services["detector"], "/healthz", cert) == 200, 60), \
         "the trusting detector cannot reach the coordinator over TLS"
 
     def detectors() -> set[str]:
@@ -120,7 +120,7 @@ def test_a_detector_with_the_ca_registers_over_tls_and_one_without_cannot(tls_se
 
     assert poll_until(lambda: "det-trusting" in detectors(), 60)
     untrusted = httpx.get(f"{tls_services['untrusted']}/readyz", timeout=10)
-    assert untrusted.status_code == 503 and untrusted.json()["checks"] == {"coordinator": False}
+    assert untrusted.status_code == 503 and untrusted.json()["checks"] == {"student": False}
     assert "det-untrusting" not in detectors()
     log = tls_services["work"] / "detector-untrusting.log"
     assert poll_until(lambda: "CERTIFICATE_VERIFY_FAILED" in log.read_text(), 60), "it does not say why"

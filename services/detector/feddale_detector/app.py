@@ -32,7 +32,8 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
     )
     metrics = Metrics("feddale_detector")
     slot = ModelSlot()
-    batcher = MicroBatcher(slot, max_batch=settings.batch_sessions, max_wait_s=settings.batch_wait_ms / 1000, metrics=metrics)
+    batcher = MicroBatcher(slot, max_batch=settings.batch_sessions, max_wait_s=settings.batch_wait_ms / 1000,
+                           max_queue=settings.queue_requests, metrics=metrics)
     follower = coordinator_follower(session, slot, cache_dir=settings.state_dir, options=settings.serving())
 
     @asynccontextmanager
@@ -52,11 +53,8 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
     app.state.slot = slot
 
     def readiness() -> dict[str, bool]:
-        try:
-            coordinator = session.http.get("/healthz", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            coordinator = False
-        return {"coordinator": coordinator}
+        """Ready = able to answer /v1/detect: a student is loaded (the coordinator may be away)."""
+        return {"student": slot.current is not None}
 
     add_ops_routes(app, metrics, readiness)
     add_detect_routes(app, slot, batcher, metrics)

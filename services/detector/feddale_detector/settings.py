@@ -18,6 +18,7 @@ class Settings(NodeSettings):
     port: int = 8001
     batch_sessions: int = 64  # most sessions one micro-batch scores together
     batch_wait_ms: float = 5.0  # how long a micro-batch waits for more requests
+    queue_requests: int = 256  # requests waiting to be scored; beyond that /v1/detect answers 429
     detector_runtime: Runtime = "auto"  # a typo fails at start-up, not on the first student
     detector_precision: Precision = "fp32"
     sources: str | None = None  # a sources file: sources for raw lines besides the presets (docs/ingest.md)

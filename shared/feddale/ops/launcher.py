@@ -242,8 +242,10 @@ class LocalFederation:
 
     def _ready(self, name: str) -> bool:
         url = self.services[name].url
+        # A detector is ready only once it serves a student; at start-up it only needs to be up.
+        path = "/healthz" if name == "detector" else "/readyz"
         try:
-            return httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200
+            return httpx.get(f"{url}{path}", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -132,6 +132,10 @@ class NoModel(Exception):
     """No student has been published yet."""
 
 
+class Overloaded(Exception):
+    """The micro-batcher's queue is full: the caller should come back shortly (429)."""
+
+
 @dataclass
 class _Pending:
     sessions: list[list[str]]
@@ -150,12 +154,13 @@ class MicroBatcher:
     slot: ModelSlot
     max_batch: int = 64
     max_wait_s: float = 0.005
+    max_queue: int = 256  # waiting requests; beyond that callers get Overloaded (429), not an ever-longer wait
     metrics: Metrics | None = None
     _queue: asyncio.Queue[_Pending] | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -166,7 +171,10 @@ class MicroBatcher:
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future: asyncio.Future[tuple[LoadedModel, np.ndarray]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(sessions, future))
+        try:
+            self._queue.put_nowait(_Pending(sessions, future))
+        except asyncio.QueueFull:
+            raise Overloaded() from None
         return await future
 
     async def _run(self) -> None:
@@ -214,6 +222,7 @@ class MicroBatcher:
 def add_detect_routes(app: FastAPI, slot: ModelSlot, batcher: MicroBatcher, metrics: Metrics) -> None:
     """POST /v1/detect and GET /v1/model on ``app``."""
     metrics.describe("sessions_scored_total", "sessions scored by /v1/detect")
+    metrics.describe("requests_shed_total", "detect requests answered 429 because the queue was full")
     metrics.describe("batch_sessions", "sessions per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
     # Oversized detect bodies are refused before parsing, declared or chunked (the schema bounds
@@ -227,6 +236,9 @@ def add_detect_routes(app: FastAPI, slot: ModelSlot, batcher: MicroBatcher, metr
             model, probs = await batcher.detect([s.messages for s in body.sessions])
         except NoModel:
             raise HTTPException(503, "no student has been published yet", headers={"Retry-After": "5"}) from None
+        except Overloaded:
+            metrics.inc("requests_shed_total")
+            raise HTTPException(429, "the detector is at capacity; retry shortly", headers={"Retry-After": "1"}) from None
         metrics.inc("sessions_scored_total", len(body.sessions))
         return DetectResponse(
             model_version=model.version,
@@ -291,6 +303,25 @@ class StudentFollower:
             self.on_swap(model)
         return True
 
+    def load_cached(self) -> bool:
+        """Serve the newest student in ``cache_dir`` (before the coordinator answers, or without it).
+
+        A detector restarted during a coordinator outage then serves at once what it served
+        before; the next successful poll swaps in a newer student if there is one.
+        """
+        if self.cache_dir is None or self.slot.current is not None:
+            return False
+        for path in sorted(self.cache_dir.glob("student-*.bin"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                model = load_student(path.read_bytes(), None, self.options)
+            except (OSError, ValueError) as exc:
+                log.warning("cached student %s unusable: %s", path.name, exc)
+                continue
+            self.slot.swap(model)
+            log.info("serving cached student %s until the coordinator answers", model.version)
+            return True
+        return False
+
     def _blob(self, version: str) -> bytes:
         cached = self.cache_dir / f"student-{version}.bin" if self.cache_dir else None
         if cached is not None and cached.is_file():
@@ -305,6 +336,7 @@ class StudentFollower:
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
         """Poll until ``stop`` is set; errors are logged and retried at the next interval."""
+        self.load_cached()
         while not stop.is_set():
             try:
                 self.poll_once()
