@@ -144,6 +144,13 @@ def test_onnx_fp32_matches_torch_with_base_file_weights(file_artifact, sessions)
     np.testing.assert_allclose(served, reference, atol=FP32_TOLERANCE, rtol=0)
 
 
+def test_a_llama_family_student_exports_and_matches_torch(training, sessions):
+    """The paper profile's student is a causal LM with a classifier head: no KV cache may reach the graph."""
+    llama = train_student(*training, CFG.model_copy(update={"base": "tiny:llama", "steps": 1}), progress=False)
+    reference, served = torch_and_onnx(llama, sessions)
+    np.testing.assert_allclose(served, reference, atol=FP32_TOLERANCE, rtol=0)
+
+
 def test_tokenizers_package_gives_the_transformers_ids(artifact, sessions):
     onnx_side = Detector(artifact, runtime="onnx").backend
     torch_side = Detector(artifact, runtime="torch").backend

@@ -64,6 +64,7 @@ def export_bundle(artifact: StudentArtifact) -> bytes:
                                       float(module.scaling[adapter]), unmerged)
     merged = model.merge_and_unload().eval()
     merged.set_attn_implementation("eager")
+    merged.config.use_cache = False  # Llama-family students would return a KV cache torch.export cannot trace
     proto = _export(merged, encoder, int(tokenizer.pad_token_id), artifact.meta.max_len)
     onnx.checker.check_model(proto)  # before weights become external references the checker cannot follow
     params = {name: t.detach().cpu().numpy() for name, t in merged.state_dict().items()}
