@@ -130,6 +130,18 @@ def test_an_artifact_without_bundle_keeps_the_old_format_and_falls_back_to_torch
         Detector(plain, precision="int8")
 
 
+def test_a_bundle_past_the_size_limit_is_left_out(training, monkeypatch):
+    """A base whose weights cannot be referenced would put them all on the wire: torch serves it instead."""
+    from feddale.method import onnx_export
+
+    plain = train_student(*training, CFG.model_copy(update={"onnx": False, "steps": 1}), progress=False)
+    monkeypatch.setattr(onnx_export, "MAX_BUNDLE_BYTES", 1024)
+    kept = onnx_export.with_onnx(plain)
+    assert kept.onnx is None and kept.version == plain.version
+    monkeypatch.setattr(onnx_export, "MAX_BUNDLE_BYTES", 64 * 1024 * 1024)
+    assert onnx_export.with_onnx(plain).onnx is not None
+
+
 # ----------------------------------------------------------------------------- parity
 
 

@@ -15,6 +15,7 @@ the model's parameters by value, then to the base model's file (see
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import numpy as np
@@ -34,12 +35,24 @@ from feddale.method.onnx_bundle import (
 OPSET = 18
 OUTPUT = "logits"
 INPUTS = ["input_ids", "attention_mask"]
+# A base without a weights file this code can reference (a Hub id, a GGUF) puts every weight in
+# the graph: for SmolLM2-135M that is ~540 MB, far past the coordinator's upload limit and the
+# point of a small artifact. Such students keep no bundle and are served by the torch runtime.
+MAX_BUNDLE_BYTES = 32 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 def with_onnx(artifact: StudentArtifact) -> StudentArtifact:
-    """The same artifact (same weights, stats and creation time) with its ONNX bundle added."""
-    spec = artifact.meta.spec()
-    return seal(spec, artifact.weights, export_bundle(artifact), artifact.meta.created, artifact.meta.stats)
+    """The same artifact (same weights, stats and creation time) with its ONNX bundle added,
+    or unchanged when the bundle would exceed :data:`MAX_BUNDLE_BYTES`."""
+    bundle = export_bundle(artifact)
+    if len(bundle) > MAX_BUNDLE_BYTES:
+        log.warning("student %s: ONNX bundle of %d bytes exceeds %d (base %s has no weights file to reference);"
+                    " published without it, serve it with the torch runtime",
+                    artifact.version, len(bundle), MAX_BUNDLE_BYTES, artifact.meta.base)
+        return artifact
+    return seal(artifact.meta.spec(), artifact.weights, bundle, artifact.meta.created, artifact.meta.stats)
 
 
 def export_bundle(artifact: StudentArtifact) -> bytes:
