@@ -58,6 +58,7 @@ def bench(
             student, cfg.teacher_model, None, cfg.score, pool, public,
             quantization=cfg.quantization, n_student=sizes.cost_sessions, n_teacher=sizes.cost_teacher_sessions,
             repeats=sizes.cost_repeats, seed=seeds[0], progress=progress,
+            labeled=cost.held_out_sessions(cfg, seeds[0]),  # the F1 of each runtime on the held-out split
         )
         result["git_commit"] = git_commit()
         result["config"] = cfg.model_dump(mode="json")
