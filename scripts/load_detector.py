@@ -136,7 +136,7 @@ def detector_process(coordinator_url: str, log_path: Path, threads: int | None) 
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDALE_")}
-    env.update({"FEDDALE_COORDINATOR_URL": coordinator_url, "FEDDALE_BOOTSTRAP_SECRET": "load-test",
+    env.update({"FEDDALE_COORDINATOR_URL": coordinator_url, "FEDDALE_BOOTSTRAP_SECRET": "load-test-bootstrap-secret",
                 "FEDDALE_PORT": str(port), "FEDDALE_HOST": "127.0.0.1", "FEDDALE_STUDENT_POLL_S": "1",
                 "FEDDALE_NODE_NAME": "detector-load", "FEDDALE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
     if threads:
