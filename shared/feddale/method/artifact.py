@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from feddale.files import atomic_write
 from feddale.method.preprocess import View
 
 WEIGHTS_FILE = "student.safetensors"
@@ -136,9 +137,7 @@ class StudentArtifact:
         else:
             (out / ONNX_FILE).unlink(missing_ok=True)
         for name, data in files:
-            tmp = out / f".{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(out / name)
+            atomic_write(out / name, data)
         return out
 
     @classmethod

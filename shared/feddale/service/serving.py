@@ -29,6 +29,7 @@ from feddale.method.artifact import StudentArtifact
 from feddale.method.detector import Detector, Runtime
 from feddale.method.onnx_runtime import Precision
 from feddale.service.http import CoordinatorSession
+from feddale.files import atomic_write
 from feddale.service.limits import limit_bodies
 from feddale.service.observability import Metrics
 
@@ -328,10 +329,7 @@ class StudentFollower:
             return cached.read_bytes()
         blob = self.download(version)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".part")
-            tmp.write_bytes(blob)
-            tmp.replace(cached)
+            atomic_write(cached, blob)
         return blob
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
