@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from feddale.service.heartbeat import HeartbeatSender, heartbeat
 from feddale.service.http import CoordinatorSession
 from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.serving import MicroBatcher, ModelSlot, add_detect_routes, coordinator_follower
@@ -37,8 +38,14 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
     slot = ModelSlot()
     batcher = MicroBatcher(slot, metrics=metrics)
     follower = coordinator_follower(session, slot, cache_dir=settings.state_dir, on_swap=agent.detect_own_logs)
+    # Beats from their own thread from the start, so loading a shard or training for minutes never reads as dead.
+    beats = HeartbeatSender(session, lambda: heartbeat(
+        agent.status.get("state", "starting"), model_version=slot.current.version if slot.current else None,
+        sessions=len(agent.sessions) if agent.sessions else None,
+    ))
 
     def work() -> None:
+        beats.start(stop)
         try:
             agent.start()
         except Exception:

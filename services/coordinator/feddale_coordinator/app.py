@@ -39,9 +39,11 @@ from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.queue import student_queue
 
 from feddale_coordinator.artifacts import ArtifactStore
+from feddale_coordinator.liveness import liveness_router
 from feddale_coordinator.runs import ApiError, PublicSet, RunEngine
 from feddale_coordinator.settings import Settings
 from feddale_coordinator.store import ClientRecord, RunRecord, Store
+from feddale_coordinator.ui import ui_router
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +197,16 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
 
     @app.get("/v1/clients", tags=["admin"])
     def list_clients(_: None = Depends(admin)) -> list[dict[str, Any]]:
-        alive = store.alive(settings.client_ttl_s)
+        alive, seen, statuses = store.alive(settings.client_ttl_s), store.last_seen(), store.statuses()
         return [
-            {**c.model_dump(exclude={"token_hash"}), "alive": c.client_id in alive} for c in store.clients()
+            {**c.model_dump(exclude={"token_hash"}), "alive": c.client_id in alive, "last_seen": seen.get(c.client_id),
+             "status": statuses.get(c.client_id)}
+            for c in store.clients()
         ]
+
+    app.include_router(liveness_router(store, settings.client_ttl_s, principal))
+    app.include_router(ui_router(store, settings.client_ttl_s, admin,
+                                 lambda run: _run_view(store, run, settings.client_ttl_s)))
 
     # ----------------------------------------------------------------- registration
 
@@ -334,5 +342,5 @@ def _run_view(store: Store, run: RunRecord, ttl_s: float) -> RunView:
         pseudo_labels=run.pseudo_labels, outliers=run.outliers,
         public_digest=run.public_digest, public_count=run.public_count,
         history=[h.model_dump() for h in run.history], config=run.config,
-        created_at=run.created_at, updated_at=run.updated_at,
+        created_at=run.created_at, updated_at=run.updated_at, round_started_at=run.round_started_at,
     )

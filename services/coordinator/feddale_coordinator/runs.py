@@ -43,7 +43,8 @@ from feddale.method.federation import FederationError
 from feddale.method.payload import PayloadError, decode_scores
 from feddale.method.student import StudentArtifact
 from feddale.protocol.messages import (
-    PseudoLabelSummary, PublicRef, PublicSetBody, RunRequest, SessionBody, StudentInfo, StudentInputs, Task,
+    PseudoLabelSummary, PublicRef, PublicSetBody, RunRequest, ScoreHistogram, SessionBody, StudentInfo,
+    StudentInputs, Task,
     merge_config,
 )
 from feddale.protocol.rounds import NextRound, close_round, flag_outliers, score_matrix
@@ -457,12 +458,17 @@ class RunEngine:
                 pseudo_labels = PseudoLabelSummary.model_validate(query)
             except ValidationError as exc:
                 raise ApiError(422, f"the query must name the pseudo-labels (normal, anomalous, digest): {exc}") from exc
+            try:  # optional: a student job of an older version sends none
+                histogram = ScoreHistogram.model_validate_json(query["histogram"]) if "histogram" in query else None
+            except ValidationError as exc:
+                raise ApiError(422, f"the score histogram in the query is invalid: {exc}") from exc
             version = artifact.version
             parts = ("students", f"{version}.bin")
             sha = self.artifacts.write(parts, blob)
             info = StudentInfo(
                 version=version, run_id=run_id, base_model=artifact.meta.base, published_at=time.time(),
                 bytes=len(blob), sha256=sha, path=f"/v1/students/{version}", pseudo_labels=pseudo_labels,
+                score_histogram=histogram,
             )
             self.store.publish_student(info.model_dump())
             run.status, run.student_version, run.pseudo_labels = "published", version, pseudo_labels

@@ -31,6 +31,7 @@ LOCK_WAIT_S = 600.0
 Role = Literal["client", "detector"]
 RunStatus = Literal["fedavg", "distill", "student_training", "published", "failed", "cancelled"]
 FINAL = ("published", "failed", "cancelled")
+BEATS_KEPT = 720  # a detector's recent heartbeats: an hour at the default 5 s interval
 
 
 class ClientRecord(BaseModel):
@@ -151,6 +152,29 @@ class Store:
         since = time.time() - ttl_s
         return {m.decode() for m in self.r.zrangebyscore(P + "last_seen", since, "+inf")}
 
+    def beat(self, client_id: str, status: dict[str, Any], series: bool) -> None:
+        """Record a heartbeat: seen now, its status kept; ``series`` also appends it to the principal's
+        recent beats (detectors' counters, which the dashboard turns into rates)."""
+        now = time.time()
+        pipe = self.r.pipeline()
+        pipe.zadd(P + "last_seen", {client_id: now})
+        pipe.hset(P + "status", client_id, json.dumps({**status, "at": now}))
+        if series:
+            pipe.rpush(P + f"beats:{client_id}", json.dumps({**status, "at": now}))
+            pipe.ltrim(P + f"beats:{client_id}", -BEATS_KEPT, -1)
+        pipe.execute()
+
+    def last_seen(self) -> dict[str, float]:
+        return {m.decode(): float(t) for m, t in self.r.zrange(P + "last_seen", 0, -1, withscores=True)}
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        """The latest heartbeat of every principal that sent one."""
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(P + "status").items()}
+
+    def beats(self, client_id: str) -> list[dict[str, Any]]:
+        """A principal's recent heartbeats (at most ``BEATS_KEPT``), oldest first."""
+        return [json.loads(v) for v in self.r.lrange(P + f"beats:{client_id}", 0, -1)]
+
     # ----------------------------------------------------------------- runs
 
     @contextmanager
@@ -263,6 +287,11 @@ class Store:
     def student(self, version: str) -> dict[str, Any] | None:
         raw = self.r.hget(P + "students", version)
         return json.loads(raw) if raw else None
+
+    def students(self) -> list[dict[str, Any]]:
+        """Every published student, newest first."""
+        infos = [json.loads(v) for v in self.r.hvals(P + "students")]
+        return sorted(infos, key=lambda info: info["published_at"], reverse=True)
 
     def latest_student(self) -> dict[str, Any] | None:
         version = self.r.get(P + "student:latest")

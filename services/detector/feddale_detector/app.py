@@ -10,12 +10,14 @@ FEDDALE_DETECTOR_PRECISION=int8); this service imports neither torch nor transfo
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
 
+from feddale.service.heartbeat import HeartbeatSender, detector_stats, heartbeat
 from feddale.service.http import CoordinatorSession
 from feddale.service.intake import add_intake_routes, known_sources
 from feddale.service.observability import Metrics, add_ops_routes
@@ -35,12 +37,19 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
     batcher = MicroBatcher(slot, max_batch=settings.batch_sessions, max_wait_s=settings.batch_wait_ms / 1000,
                            max_queue=settings.queue_requests, metrics=metrics)
     follower = coordinator_follower(session, slot, cache_dir=settings.state_dir, options=settings.serving())
+    started_at = time.time()
+    beats = HeartbeatSender(session, lambda: heartbeat(
+        "serving" if slot.current else "waiting for a student",
+        model_version=slot.current.version if slot.current else None,
+        detector=detector_stats(metrics, started_at),
+    ))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         thread = threading.Thread(target=follower.run, args=(stop, settings.student_poll_s), daemon=True)
         thread.start()
+        beats.start(stop)
         try:
             yield
         finally:

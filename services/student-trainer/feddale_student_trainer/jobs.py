@@ -22,8 +22,8 @@ from feddale.data.types import Session
 from feddale.method.config import RunConfig
 from feddale.files import atomic_write
 from feddale.method.models import cache_dir
-from feddale.protocol.messages import PseudoLabelSummary, StudentInfo, StudentInputs
-from feddale.protocol.rounds import distil, score_matrix
+from feddale.protocol.messages import PseudoLabelSummary, ScoreHistogram, StudentInfo, StudentInputs
+from feddale.protocol.rounds import distil, score_histogram, score_matrix
 from feddale.service.auth import auth_headers
 from feddale.service.http import Backoff, check, http_client, with_retries
 from feddale.service.settings import load_settings
@@ -33,7 +33,7 @@ from feddale_student_trainer.settings import Settings
 log = logging.getLogger(__name__)
 
 HTTP_ATTEMPTS = 8  # with backoff from 1 s up to 15 s: about a minute of coordinator downtime
-STUDENT_FILE, LABELS_FILE = "student.bin", "pseudo-labels.json"
+STUDENT_FILE, LABELS_FILE, HISTOGRAM_FILE = "student.bin", "pseudo-labels.json", "score-histogram.json"
 
 
 def train_student_job(
@@ -56,14 +56,20 @@ def train_student_job(
         if (kept / STUDENT_FILE).is_file() and (kept / LABELS_FILE).is_file():
             blob = (kept / STUDENT_FILE).read_bytes()
             summary = PseudoLabelSummary.model_validate_json((kept / LABELS_FILE).read_bytes())
+            histogram = (ScoreHistogram.model_validate_json((kept / HISTOGRAM_FILE).read_bytes())
+                         if (kept / HISTOGRAM_FILE).is_file() else None)
             log.info("run %s: publishing the student trained by an earlier attempt", run_id)
         else:
-            blob, summary = _train(http, headers, run_id)
+            blob, summary, histogram = _train(http, headers, run_id)
+            atomic_write(kept / HISTOGRAM_FILE, histogram.model_dump_json())
             atomic_write(kept / LABELS_FILE, summary.model_dump_json())
             atomic_write(kept / STUDENT_FILE, blob)
+        # The histogram rides in the query next to the pseudo-label summary (about 500 bytes of JSON):
+        # the body is the artifact itself.
+        params = {**summary.model_dump(), **({"histogram": histogram.model_dump_json()} if histogram else {})}
         published = StudentInfo.model_validate(with_retries(
             lambda: check(http.put(
-                f"/v1/runs/{run_id}/student", content=blob, params=summary.model_dump(),
+                f"/v1/runs/{run_id}/student", content=blob, params=params,
                 headers={**headers, "Content-Type": "application/octet-stream"},
             )).json(),
             attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"publishing the student of {run_id}",
@@ -73,8 +79,10 @@ def train_student_job(
     return {"version": published.version, "normal": summary.normal, "anomalous": summary.anomalous}
 
 
-def _train(http: httpx.Client, headers: dict[str, str], run_id: str) -> tuple[bytes, PseudoLabelSummary]:
-    """Download the run's inputs, re-check them, distil; the student's bytes and its pseudo-labels."""
+def _train(
+    http: httpx.Client, headers: dict[str, str], run_id: str
+) -> tuple[bytes, PseudoLabelSummary, ScoreHistogram]:
+    """Download the run's inputs, re-check them, distil; the student's bytes, its pseudo-labels and score histogram."""
     inputs = StudentInputs.model_validate(with_retries(
         lambda: check(http.get(f"/v1/runs/{run_id}/student-inputs", headers=headers)).json(),
         attempts=HTTP_ATTEMPTS, backoff=Backoff(1.0, 15.0), what=f"student inputs of {run_id}",
@@ -90,4 +98,4 @@ def _train(http: httpx.Client, headers: dict[str, str], run_id: str) -> tuple[by
     )
     distilled = distil(cfg, [s.text for s in public], matrix)
     log.info("run %s: %d clients, %d pseudo-labelled rows", run_id, matrix.shape[0], len(distilled.selection.texts))
-    return distilled.artifact.to_bytes(), distilled.summary
+    return distilled.artifact.to_bytes(), distilled.summary, score_histogram(distilled)

@@ -127,6 +127,7 @@ class RunView(BaseModel):
     config: dict[str, Any]
     created_at: float
     updated_at: float
+    round_started_at: float | None = None  # with round_deadline_s: when the current round closes at the latest
 
 
 class RegisterRequest(BaseModel):
@@ -205,6 +206,32 @@ class StudentInputs(BaseModel):
     payloads: dict[str, str]
 
 
+class ScoreHistogram(BaseModel):
+    """The aggregated public-set scores a student's pseudo-labels were cut from (no labels involved).
+
+    ``counts[i]`` public sessions scored in ``[edges[i], edges[i+1])`` (the last bin closed).
+    Sessions scored at or above ``normal_cutoff`` became pseudo-normal, at or below
+    ``anomalous_cutoff`` pseudo-anomalous; a cut-off is None when that side is empty or, with
+    ``filter=none``, when each client cut its own scores (the histogram is then of their mean).
+    Operators read the gap between the cut-offs as how clearly the federation agreed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    edges: list[float] = Field(min_length=2, max_length=101)
+    counts: list[int] = Field(min_length=1, max_length=100)
+    normal_cutoff: float | None = None
+    anomalous_cutoff: float | None = None
+
+    @model_validator(mode="after")
+    def _bins(self) -> ScoreHistogram:
+        if len(self.edges) != len(self.counts) + 1:
+            raise ValueError("a histogram needs one edge more than it has counts")
+        if any(c < 0 for c in self.counts) or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+            raise ValueError("counts must be non-negative and edges increasing")
+        return self
+
+
 class StudentInfo(BaseModel):
     """A published student, as listed by the coordinator and pulled by detectors and clients."""
 
@@ -216,3 +243,39 @@ class StudentInfo(BaseModel):
     sha256: str
     path: str
     pseudo_labels: PseudoLabelSummary | None = None
+    score_histogram: ScoreHistogram | None = None
+
+
+class DetectorStats(BaseModel):
+    """A detector's counters since it started, sent with each heartbeat.
+
+    Cumulative, like Prometheus counters, so a lost beat loses no requests: the coordinator
+    keeps a short series of them and the dashboard plots rates from consecutive samples.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(ge=0)  # answered /v1/detect and /v1/detect/lines requests
+    sessions: int = Field(ge=0)  # sessions scored
+    anomalies: int = Field(ge=0)  # sessions flagged anomalous
+    latency_s_sum: float = Field(ge=0, allow_inf_nan=False)  # summed latency of those requests
+    started_at: float
+
+
+class Heartbeat(BaseModel):
+    """What a client node or detector tells the coordinator every few seconds, busy or not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: str = Field(max_length=256)  # e.g. "idle", "training (distill round 1 of run-...)"
+    software: str = Field(max_length=64)  # the node's feddale version
+    model_version: str | None = Field(None, max_length=64)  # the student it serves
+    sessions: int | None = Field(None, ge=0)  # client nodes: private sessions it trains on
+    detector: DetectorStats | None = None
+
+
+class HeartbeatAck(BaseModel):
+    """The coordinator's answer: beat again within ``interval_s`` (a fraction of its liveness TTL)."""
+
+    interval_s: float
+    ttl_s: float

@@ -22,7 +22,7 @@ from feddale.data.types import Session
 from feddale.method import adapters, federation, models, payload, teacher
 from feddale.method.config import RunConfig
 from feddale.method.student import StudentArtifact, train_student
-from feddale.protocol.messages import PseudoLabelSummary, Task
+from feddale.protocol.messages import PseudoLabelSummary, ScoreHistogram, Task
 
 Upload = Literal["adapter", "scores"]
 
@@ -214,6 +214,27 @@ class Distilled:
             normal=len(self.selection.normal_idx), anomalous=len(self.selection.anomalous_idx),
             digest=selection_digest(self.selection),
         ))
+
+
+def score_histogram(distilled: Distilled, bins: int = 20) -> ScoreHistogram:
+    """The aggregated public-set scores in ``bins`` bins, with where the pseudo-labels were cut.
+
+    Published with the student so an operator sees the federation's agreement (a clear gap
+    between the two cut-offs) without any label. The bins span the scores' own range rather
+    than [0, 1]: weak teachers (few steps, tiny models) score everything close together, and
+    that spread is exactly what the operator needs to see.
+    """
+    aggregated = np.asarray(distilled.aggregated, dtype=np.float64)
+    per_client = aggregated.ndim == 2  # filter=none: each client cut its own scores
+    scores = aggregated.mean(axis=0) if per_client else aggregated
+    low, high = float(scores.min()), float(scores.max())
+    counts, edges = np.histogram(scores, bins=bins, range=(low, high if high > low else low + 1e-6))
+    normal, anomalous = distilled.selection.normal_idx, distilled.selection.anomalous_idx
+    return ScoreHistogram(
+        edges=[float(e) for e in edges], counts=[int(c) for c in counts],
+        normal_cutoff=None if per_client or not normal else float(scores[list(normal)].min()),
+        anomalous_cutoff=None if per_client or not anomalous else float(scores[list(anomalous)].max()),
+    )
 
 
 def selection_digest(selection: federation.Selection) -> str:
