@@ -41,6 +41,8 @@ from feddale.service.queue import student_queue
 from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.liveness import liveness_router
 from feddale_coordinator.runs import ApiError, PublicSet, RunEngine
+from feddale_coordinator.schedule import Scheduler
+from feddale_coordinator.students import Lifecycle, students_router
 from feddale_coordinator.settings import Settings
 from feddale_coordinator.store import ClientRecord, RunRecord, Store
 from feddale_coordinator.ui import ui_router
@@ -77,10 +79,13 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
     artifacts = ArtifactStore(settings.artifact_dir)
     metrics = Metrics("feddale_coordinator")
     cfg, public = _public_set(settings, artifacts)
+    lifecycle = Lifecycle(r, store, settings.promotion_margin, metrics)
     engine = RunEngine(
         store, artifacts, cfg, public, student_queue(r), metrics,
-        client_ttl_s=settings.client_ttl_s, max_upload_bytes=settings.max_upload_bytes,
+        client_ttl_s=settings.client_ttl_s, max_upload_bytes=settings.max_upload_bytes, on_publish=lifecycle.decide,
     )
+    scheduler = (Scheduler(r, store, engine, settings.schedule, settings.client_ttl_s, metrics)
+                 if settings.schedule else None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +93,9 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
             while True:
                 try:
                     await asyncio.to_thread(engine.tick)
+                    await asyncio.to_thread(lifecycle.reconcile)
+                    if scheduler is not None:
+                        await asyncio.to_thread(scheduler.tick)
                 except redis.RedisError as exc:
                     log.warning("tick skipped, Redis unavailable: %s", exc)
                 except Exception:
@@ -118,6 +126,8 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
 
     add_ops_routes(app, metrics, readiness)
     metrics.gauge_fn("clients_registered", lambda: len(store.clients("client")))
+    metrics.gauge_fn("clients_alive", lambda: len(store.alive(settings.client_ttl_s)
+                                                  & {c.client_id for c in store.clients("client")}))
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -272,6 +282,9 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
         return await run_in_threadpool(engine.accept_scores, run_id, round_no, who.client_id, blob)
 
     # ----------------------------------------------------------------- students
+
+    # first: GET /v1/students/current must not be taken for a version by /v1/students/{version}
+    app.include_router(students_router(lifecycle, scheduler, r, admin, principal))
 
     @app.get("/v1/students/latest", response_model=StudentInfo, tags=["students"])
     def latest_student(_: ClientRecord = Depends(principal)) -> StudentInfo:

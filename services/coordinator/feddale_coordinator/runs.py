@@ -25,6 +25,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ from feddale.service.observability import Metrics
 from feddale.service.queue import STUDENT_JOB, fetch_job
 
 from feddale_coordinator.artifacts import ArtifactStore
+from feddale_coordinator.provenance import student_provenance
 from feddale_coordinator.store import FINAL, RoundSummary, RunRecord, Store
 
 log = logging.getLogger(__name__)
@@ -97,10 +99,12 @@ class RunEngine:
         metrics: Metrics,
         client_ttl_s: float,
         max_upload_bytes: int,
+        on_publish: Callable[[StudentInfo], object] | None = None,
     ) -> None:
         self.store, self.artifacts, self.base_config = store, artifacts, base_config
         self.public, self.queue, self.metrics = public, queue, metrics
         self.client_ttl_s, self.max_upload_bytes = client_ttl_s, max_upload_bytes
+        self.on_publish = on_publish  # the promotion decision (feddale_coordinator.students), under the run lock
         self._shapes: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
 
     # ----------------------------------------------------------------- creating runs
@@ -470,7 +474,13 @@ class RunEngine:
                 bytes=len(blob), sha256=sha, path=f"/v1/students/{version}", pseudo_labels=pseudo_labels,
                 score_histogram=histogram,
             )
+            try:
+                info = info.model_copy(update={"provenance": student_provenance(self.store, run, pseudo_labels, query)})
+            except ValueError as exc:
+                raise ApiError(422, str(exc)) from exc
             self.store.publish_student(info.model_dump())
+            if self.on_publish is not None:
+                self.on_publish(info)
             run.status, run.student_version, run.pseudo_labels = "published", version, pseudo_labels
             self.store.save_run(run)
             self.store.release_active(run_id)

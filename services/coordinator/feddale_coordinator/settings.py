@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from feddale.service.settings import DEFAULT_REDIS_URL, Secret, ServiceSettings
+
+from feddale_coordinator.intervals import Interval
 
 
 class Settings(ServiceSettings):
@@ -18,4 +22,6 @@ class Settings(ServiceSettings):
     max_upload_bytes: int = 64 * 1024 * 1024
     client_ttl_s: float = 60.0
     tick_s: float = 0.5
+    schedule: Interval | None = None  # start the default run every interval (24h, 30m, 90s); unset: only on request
+    promotion_margin: float = Field(0.02, ge=0.0, le=1.0)  # a new student is served unless its agreement is lower by more
     body_timeout_s: float = 30.0

@@ -10,7 +10,7 @@ from feddale_detector.settings import Settings
 
 def main() -> None:
     settings = load_settings(Settings)
-    setup_logging("detector", settings.log_level)
+    setup_logging("detector", settings.log_level, settings.log_format)
     serve(create_app(settings), settings)
 
 

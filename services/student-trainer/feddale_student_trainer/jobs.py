@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import shutil
+from importlib.metadata import version
 from typing import Any
 
 import httpx
@@ -21,6 +22,8 @@ from feddale.data.deployment import public_digest
 from feddale.data.types import Session
 from feddale.method.config import RunConfig
 from feddale.files import atomic_write
+from feddale.harness.provenance import git_commit
+from feddale.method.federation import pseudo_label_agreement
 from feddale.method.models import cache_dir
 from feddale.protocol.messages import PseudoLabelSummary, ScoreHistogram, StudentInfo, StudentInputs
 from feddale.protocol.rounds import distil, score_histogram, score_matrix
@@ -66,7 +69,7 @@ def train_student_job(
             atomic_write(kept / STUDENT_FILE, blob)
         # The histogram rides in the query next to the pseudo-label summary (about 500 bytes of JSON):
         # the body is the artifact itself.
-        params = {**summary.model_dump(), **({"histogram": histogram.model_dump_json()} if histogram else {})}
+        params = {**_publish_query(summary), **({"histogram": histogram.model_dump_json()} if histogram else {})}
         published = StudentInfo.model_validate(with_retries(
             lambda: check(http.put(
                 f"/v1/runs/{run_id}/student", content=blob, params=params,
@@ -77,6 +80,16 @@ def train_student_job(
     shutil.rmtree(kept, ignore_errors=True)
     log.info("run %s: student %s published", run_id, published.version)
     return {"version": published.version, "normal": summary.normal, "anomalous": summary.anomalous}
+
+
+def _publish_query(summary: PseudoLabelSummary) -> dict[str, str | int | float]:
+    """The publish request's query: the pseudo-labels and what this trainer is, for the student's provenance."""
+    query: dict[str, str | int | float] = summary.model_dump(exclude_none=True)
+    commit = git_commit()
+    if commit:
+        query["commit"] = commit
+    query["trainer_version"] = version("feddale")
+    return query
 
 
 def _train(
@@ -98,4 +111,6 @@ def _train(
     )
     distilled = distil(cfg, [s.text for s in public], matrix)
     log.info("run %s: %d clients, %d pseudo-labelled rows", run_id, matrix.shape[0], len(distilled.selection.texts))
-    return distilled.artifact.to_bytes(), distilled.summary, score_histogram(distilled)
+    # What automatic promotion compares: how far the teachers agree on these pseudo-labels.
+    summary = distilled.summary.model_copy(update={"agreement": pseudo_label_agreement(matrix, distilled.selection)})
+    return distilled.artifact.to_bytes(), summary, score_histogram(distilled)

@@ -101,12 +101,13 @@ def ops_app(r: redis.Redis, queue: rq.Queue) -> FastAPI:
 
 def main() -> None:
     settings = load_settings(Settings)
-    setup_logging("student-trainer", settings.log_level)
+    setup_logging("student-trainer", settings.log_level, settings.log_format)
     r = redis.Redis.from_url(settings.redis_url)
     queue = student_queue(r)
     heartbeat_s = max(1, settings.job_heartbeat_s)
     server = uvicorn.Server(uvicorn.Config(
         ops_app(r, queue), host=settings.host, port=settings.port, log_level="warning", access_log=False,
+        log_config=None,  # through setup_logging's handler, like everything else (text or JSON)
     ))
     threading.Thread(target=server.run, name="ops-http", daemon=True).start()
     worker_pid = os.getpid()

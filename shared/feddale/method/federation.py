@@ -318,3 +318,28 @@ def select_pseudo_labels(
         labels=tuple(label for _, label in rows),
         weights=tuple(int(groups[g].size) for g, _ in rows),
     )
+
+
+def pseudo_label_agreement(matrix: np.ndarray, selection: Selection) -> float:
+    """How far the teachers agree on the pseudo-labels, without any label: in [0, 1].
+
+    For each client, the probability that its own teacher scores a pseudo-normal public session
+    above a pseudo-anomalous one (ties count half: a Mann-Whitney AUC), averaged over clients.
+    1.0 means every teacher ranks every pseudo-normal session above every pseudo-anomalous one;
+    0.5 is chance. It is what automatic promotion compares between students (a student whose
+    pseudo-labels its own teachers agree on less is the riskier one); it says nothing about how
+    well the student learned them. With one client it is 1.0 by construction (its own ranking
+    chose them), except where the selection was made on other clients' scores.
+    """
+    m = _check_matrix(matrix)
+    normal, anomalous = list(selection.normal_idx), list(selection.anomalous_idx)
+    if not normal or not anomalous:
+        raise FederationError("the selection has no pseudo-normal or no pseudo-anomalous session")
+    per_client = []
+    for row in m:
+        n, a = np.sort(row[normal]), row[anomalous]
+        below = np.searchsorted(n, a, side="left")  # pseudo-normal scores under each pseudo-anomalous one
+        not_above = np.searchsorted(n, a, side="right")
+        wins = float((n.size - not_above).sum()) + 0.5 * float((not_above - below).sum())
+        per_client.append(wins / (n.size * a.size))
+    return float(np.mean(per_client))

@@ -1,4 +1,4 @@
-"""`feddale` command line: simulate, data, up, demo, bench, logs, runs, clients."""
+"""`feddale` command line: simulate, data, up, demo, bench, logs, runs, clients, students, schedule."""
 
 from __future__ import annotations
 
@@ -149,9 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from feddale.ingest.cli import add_logs_commands  # raw logs of any system (feddale logs ...)
     from feddale.ops.operate import add_operator_commands  # a running coordinator (feddale runs|clients ...)
+    from feddale.ops.students import add_student_commands  # what detectors serve (feddale students|schedule ...)
 
     add_logs_commands(sub)
     add_operator_commands(sub)
+    add_student_commands(sub)
     return parser
 
 

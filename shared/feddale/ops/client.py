@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from feddale.protocol.messages import RunCreated, RunView
+from feddale.protocol.messages import RunCreated, RunView, ScheduleView, StudentsView
 from feddale.service.auth import auth_headers
 from feddale.service.settings import DEFAULT_COORDINATOR_URL
 
@@ -68,6 +68,25 @@ class Coordinator:
 
     def clients(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/clients"))
+
+    def students(self) -> StudentsView:
+        """Every published student with provenance and promotion decision, and which one is served."""
+        return StudentsView.model_validate(self._call("GET", "/v1/students"))
+
+    def promote(self, version: str) -> StudentsView:
+        return StudentsView.model_validate(self._call("POST", f"/v1/students/{version}/promote"))
+
+    def pin(self, version: str) -> StudentsView:
+        return StudentsView.model_validate(self._call("POST", f"/v1/students/{version}/pin"))
+
+    def unpin(self) -> StudentsView:
+        return StudentsView.model_validate(self._call("POST", "/v1/students/unpin"))
+
+    def rollback(self) -> StudentsView:
+        return StudentsView.model_validate(self._call("POST", "/v1/students/rollback"))
+
+    def schedule(self) -> ScheduleView:
+        return ScheduleView.model_validate(self._call("GET", "/v1/schedule"))
 
     def wait(self, run_id: str, on_change: Callable[[RunView], None] | None = None, poll_s: float = 1.0,
              timeout_s: float | None = None) -> RunView:

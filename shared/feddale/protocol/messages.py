@@ -7,9 +7,11 @@ service; a 422 from the coordinator names the offending field.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from feddale.method.config import RunConfig
 
@@ -82,11 +84,22 @@ def merge_config(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 
 
 class PseudoLabelSummary(BaseModel):
-    """Which public sessions the student learned from (the digest pins the exact selection)."""
+    """Which public sessions the student learned from (the digest pins the exact selection).
+
+    ``agreement`` is how far the teachers agree on these pseudo-labels
+    (:func:`feddale.method.federation.pseudo_label_agreement`, no labels involved): the number
+    automatic promotion compares (docs/operations.md). None for students of older trainers.
+    """
 
     normal: int = Field(ge=0)
     anomalous: int = Field(ge=0)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    agreement: float | None = Field(None, ge=0.0, le=1.0)
+
+    @field_validator("agreement", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # a query string carries None as an empty value
 
 
 class RunCreated(BaseModel):
@@ -232,6 +245,85 @@ class ScoreHistogram(BaseModel):
         return self
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """sha256 of a resolved run config as canonical JSON: equal digests, equal configs."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Provenance(BaseModel):
+    """Where a student came from: which run, config, data and code made it.
+
+    Recorded by the coordinator when the student is published; ``commit`` and
+    ``trainer_version`` are what the student-trainer reports about itself (``commit`` is None
+    where it runs outside a git checkout, as in the images).
+    """
+
+    run_id: str
+    config_digest: str = Field(description="sha256 of the run's resolved config (canonical JSON)")
+    public_digest: str = Field(description="the public unlabeled set it was distilled on")
+    payload_digests: dict[str, str] = Field(description="client id -> sha256 of the accuracy payload it learned from")
+    selection_digest: str = Field(description="the exact pseudo-labels (PseudoLabelSummary.digest)")
+    commit: str | None = Field(None, pattern=r"^[0-9a-f]{7,64}$")
+    trainer_version: str | None = Field(None, max_length=64)
+
+
+class PromotionDecision(BaseModel):
+    """Whether a newly published student was promoted automatically, and on which numbers."""
+
+    version: str
+    at: float
+    promoted: bool
+    reason: str
+    agreement: float | None = Field(description="the new student's pseudo-label agreement")
+    current_version: str | None = Field(description="the student promoted when it was published")
+    current_agreement: float | None
+    margin: float = Field(description="FEDDALE_PROMOTION_MARGIN when it was decided")
+
+
+class PromotionEvent(BaseModel):
+    """One change of the promoted student (newest last in ``StudentsView.history``)."""
+
+    version: str
+    previous: str | None
+    action: Literal["auto", "promote", "pin", "unpin", "rollback"]
+    at: float
+
+
+class StudentEntry(BaseModel):
+    """A published student as the operator sees it: its info, whether detectors serve it, its decision."""
+
+    info: StudentInfo
+    promoted: bool
+    decision: PromotionDecision | None = None
+
+
+class StudentsView(BaseModel):
+    """``GET /v1/students``: every published student (newest first) and the promotion state."""
+
+    current: str | None = Field(description="the promoted version: what detectors and client nodes serve")
+    pinned: bool = Field(description="automatic promotion is off until unpinned")
+    margin: float
+    students: list[StudentEntry]
+    history: list[PromotionEvent]
+
+
+class ScheduleEvent(BaseModel):
+    """What the run schedule did when a run was due."""
+
+    at: float
+    outcome: Literal["started", "skipped"]
+    run_id: str | None = None
+    reason: str
+
+
+class ScheduleView(BaseModel):
+    """``GET /v1/schedule``: FEDDALE_SCHEDULE and what it did last (newest last)."""
+
+    interval_s: float | None
+    next_at: float | None
+    recent: list[ScheduleEvent]
+
+
 class StudentInfo(BaseModel):
     """A published student, as listed by the coordinator and pulled by detectors and clients."""
 
@@ -243,6 +335,7 @@ class StudentInfo(BaseModel):
     sha256: str
     path: str
     pseudo_labels: PseudoLabelSummary | None = None
+    provenance: Provenance | None = None
     score_histogram: ScoreHistogram | None = None
 
 

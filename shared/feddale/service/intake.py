@@ -46,7 +46,7 @@ from feddale.ingest.sources import Source
 from feddale.ingest.stream import ClosedSession, OpenSessions
 from feddale.service.limits import BodyLimit, read_body
 from feddale.service.observability import Metrics
-from feddale.service.serving import LoadedModel, ModelSlot, NoModel
+from feddale.service.serving import LoadedModel, ModelSlot, NoModel, count_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ class Intake:
                 anomalous = bool(p >= model.detector.threshold)
                 self.metrics.inc("intake_sessions_total", source=session.source,
                                  verdict="anomaly" if anomalous else "normal")
+                count_verdicts(self.metrics, session.source, [anomalous])
                 if anomalous:
                     found.append(Anomaly(source=session.source, id=session.id, score=float(p),
                                          lines=len(session.messages), reason=session.reason,
@@ -333,6 +334,7 @@ def add_intake_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, sources: 
         except NoModel:
             raise _no_model() from None
         metrics.inc("sessions_scored_total", len(sessions))
+        count_verdicts(metrics, source.name, (bool(p >= model.detector.threshold) for p in probs))
         return DetectLinesResponse(model_version=model.version, unparsed=unparsed, results=[
             LinesResult(id=sid, anomaly=bool(p >= model.detector.threshold), score=float(p), lines=len(messages))
             for (sid, messages), p in zip(sessions, probs)

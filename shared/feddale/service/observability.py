@@ -1,14 +1,17 @@
-"""Metrics (prometheus_client), ops routes (/healthz, /readyz, /metrics), request metrics, 422s, logging."""
+"""Metrics (prometheus_client), ops routes (/healthz, /readyz, /metrics), request metrics and ids, 422s, logging."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -17,6 +20,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -79,12 +84,40 @@ class Metrics:
 
         self._series_for(Gauge, name, {}).set_function(probe)
 
+    def info_fn(self, name: str, help_text: str, fn: Callable[[], dict[str, str] | None]) -> None:
+        """A gauge of 1 whose labels are read at scrape time, e.g. ``model_info{version="..."}``.
+
+        Which student a process serves changes under it; reading it at scrape time means the
+        old version's series disappears instead of lingering at 0. No series while ``fn``
+        returns None (nothing served yet) or fails.
+        """
+        self.registry.register(_LabelsGauge(f"{self.namespace}_{name}", help_text, fn))
+
     def value(self, name: str, **labels: str) -> float:
         sample = self.registry.get_sample_value(f"{self.namespace}_{name}", {k: str(v) for k, v in labels.items()})
         return sample or 0.0
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+class _LabelsGauge(Collector):
+    def __init__(self, name: str, help_text: str, fn: Callable[[], dict[str, str] | None]) -> None:
+        self.name, self.help_text, self.fn = name, help_text, fn
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.help_text)]  # registering must not call fn (Redis, a model)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            labels = self.fn() or {}
+        except Exception:  # a scrape must not fail because one probe did
+            log.debug("gauge %s failed", self.name, exc_info=True)
+            labels = {}
+        family = GaugeMetricFamily(self.name, self.help_text, labels=sorted(labels))
+        if labels:
+            family.add_metric([str(labels[k]) for k in sorted(labels)], 1.0)
+        yield family
 
 
 MAX_ECHOED_INPUT = 256
@@ -148,9 +181,47 @@ class RequestMetrics:
             self.metrics.observe("http_request_seconds", time.perf_counter() - start, route=path)
 
 
+REQUEST_ID: ContextVar[str | None] = ContextVar("feddale_request_id", default=None)
+_REQUEST_ID_HEADER = b"x-request-id"
+_GOOD_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+class RequestIds:
+    """ASGI middleware: every request gets an id, in the ``X-Request-ID`` response header and in
+    every log line written while it is served.
+
+    The caller's ``X-Request-ID`` is kept when it is a plain token of at most 128 characters (a
+    proxy's or an operator's id then finds the coordinator's lines); otherwise a fresh one is
+    made, so a header cannot inject text into the logs. The id lives in a context variable,
+    which FastAPI carries into the thread a sync endpoint runs in.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(_REQUEST_ID_HEADER, b"").decode("latin-1")
+        request_id = given if _GOOD_REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != _REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (_REQUEST_ID_HEADER, request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
 def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> None:
-    """/healthz (process alive), /readyz (dependencies reachable) and /metrics, plus request metrics
-    and a 422 handler that can render any input (see :func:`validation_error`).
+    """/healthz (process alive), /readyz (dependencies reachable) and /metrics, plus request metrics,
+    request ids (:class:`RequestIds`) and a 422 handler that can render any input (see :func:`validation_error`).
 
     ``readiness`` returns named checks; the service is ready when all are true. It runs in a
     thread because the checks do blocking I/O (Redis ping, HTTP to the coordinator).
@@ -160,6 +231,7 @@ def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[
     metrics.describe("http_request_seconds", "HTTP request latency by route")
 
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestIds)  # outermost: the id is set before anything else logs
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -179,12 +251,37 @@ def add_ops_routes(app: FastAPI, metrics: Metrics, readiness: Callable[[], dict[
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def setup_logging(service: str, level: str = "INFO") -> None:
-    """One log format for every service (the launcher writes them all into one folder)."""
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-    )
+LogFormat = Literal["text", "json"]
+
+
+class _WithRequestId(logging.Filter):
+    """Puts the id of the request being served (or None) on every record, for both formats."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+def setup_logging(service: str, level: str = "INFO", fmt: LogFormat = "text") -> None:
+    """One log format for every service (the launcher writes them all into one folder).
+
+    ``json`` (FEDDALE_LOG_FORMAT=json) writes one JSON object per line for log collectors:
+    ``time``, ``level``, ``service``, ``logger``, ``message``, ``request_id`` (null outside a
+    request) and, for errors, ``exc_info``; formatted by python-json-logger.
+    """
+    handler = logging.StreamHandler()
+    handler.addFilter(_WithRequestId())
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(
+            "%(levelname)s %(name)s %(message)s %(request_id)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            static_fields={"service": service}, timestamp="time",  # ISO 8601, UTC
+        ))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     if logging.getLogger().level > logging.DEBUG:
         # httpx logs every request at INFO: a client node polling for tasks twice a second
         # would bury its own training and scoring lines.

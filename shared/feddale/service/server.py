@@ -24,5 +24,6 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's own lines go through setup_logging's handler: one format (text or JSON)
         access_log=False,
     )

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -220,9 +220,27 @@ class MicroBatcher:
             start += n
 
 
+def count_verdicts(metrics: Metrics, source: str, flags: Iterable[bool]) -> None:
+    """``verdicts_total{source, verdict}``: sessions judged per log source, the anomaly rate's two terms.
+
+    ``source`` is ``api`` for ``/v1/detect`` (its sessions name no source) and the source's name
+    for raw lines (``/v1/detect/lines``, streamed sessions); deploy/monitoring's anomaly-rate
+    alert and dashboard read it.
+    """
+    flags = list(flags)
+    anomalies = sum(flags)
+    if anomalies:
+        metrics.inc("verdicts_total", anomalies, source=source, verdict="anomaly")
+    if len(flags) > anomalies:
+        metrics.inc("verdicts_total", len(flags) - anomalies, source=source, verdict="normal")
+
+
 def add_detect_routes(app: FastAPI, slot: ModelSlot, batcher: MicroBatcher, metrics: Metrics) -> None:
-    """POST /v1/detect and GET /v1/model on ``app``."""
+    """POST /v1/detect and GET /v1/model on ``app``, and the served student as ``model_info{version}``."""
     metrics.describe("sessions_scored_total", "sessions scored by /v1/detect")
+    metrics.describe("verdicts_total", "sessions judged, by log source (api: /v1/detect) and verdict (anomaly, normal)")
+    metrics.info_fn("model_info", "the student this process serves (1; no series before the first)",
+                    lambda: {"version": m.version, "runtime": m.info.runtime} if (m := slot.current) else None)
     metrics.describe("requests_shed_total", "detect requests answered 429 because the queue was full")
     metrics.describe("batch_sessions", "sessions per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
@@ -241,6 +259,7 @@ def add_detect_routes(app: FastAPI, slot: ModelSlot, batcher: MicroBatcher, metr
             metrics.inc("requests_shed_total")
             raise HTTPException(429, "the detector is at capacity; retry shortly", headers={"Retry-After": "1"}) from None
         metrics.inc("sessions_scored_total", len(body.sessions))
+        count_verdicts(metrics, "api", (bool(p >= model.detector.threshold) for p in probs))
         return DetectResponse(
             model_version=model.version,
             results=[
@@ -259,7 +278,7 @@ def add_detect_routes(app: FastAPI, slot: ModelSlot, batcher: MicroBatcher, metr
 
 
 class StudentFollower:
-    """Keeps a :class:`ModelSlot` on the coordinator's latest published student.
+    """Keeps a :class:`ModelSlot` on the student the coordinator says to serve (the promoted one).
 
     ``latest`` returns the coordinator's student info (or None before the first one) and
     ``download`` a version's bytes. Loading happens here, in the follower's thread; the slot
@@ -285,7 +304,7 @@ class StudentFollower:
         self.options = options
 
     def poll_once(self) -> bool:
-        """Fetch and swap in the latest student if it is new; True when the slot changed."""
+        """Fetch and swap in the student to serve if it is not the one serving (newer or older); True when the slot changed."""
         info = self.latest()
         if info is None:
             return False
@@ -344,11 +363,15 @@ class StudentFollower:
 
 
 def coordinator_follower(session: CoordinatorSession, slot: ModelSlot, **kwargs: Any) -> StudentFollower:
-    """A follower that reads students from the coordinator through ``session``."""
+    """A follower of the coordinator's *promoted* student (``GET /v1/students/current``) through ``session``.
+
+    Promoted, not latest published: an operator's promote, pin or rollback reaches every
+    detector and client node at its next poll (FEDDALE_STUDENT_POLL_S).
+    """
 
     def latest() -> dict[str, Any] | None:
         try:
-            return session.request("GET", "/v1/students/latest").json()
+            return session.request("GET", "/v1/students/current").json()
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 404:  # nothing published yet
                 return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +50,7 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, with request ids
     tls_cert: str | None = None  # serve HTTPS with this certificate (and tls_key)
     tls_key: str | None = None
     tls_ca: str | None = None  # trust this CA when calling other services
