@@ -42,6 +42,7 @@ from feddale_coordinator.artifacts import ArtifactStore
 from feddale_coordinator.liveness import liveness_router
 from feddale_coordinator.runs import ApiError, PublicSet, RunEngine
 from feddale_coordinator.schedule import Scheduler
+from feddale_coordinator.store import FINAL
 from feddale_coordinator.students import Lifecycle, students_router
 from feddale_coordinator.settings import Settings
 from feddale_coordinator.store import ClientRecord, RunRecord, Store
@@ -128,6 +129,8 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
     metrics.gauge_fn("clients_registered", lambda: len(store.clients("client")))
     metrics.gauge_fn("clients_alive", lambda: len(store.alive(settings.client_ttl_s)
                                                   & {c.client_id for c in store.clients("client")}))
+    for status in FINAL:  # at 0 from the start: the run-failed alert's increase() sees the first failure
+        metrics.inc("runs_finished_total", 0, status=status)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

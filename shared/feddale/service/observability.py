@@ -272,12 +272,14 @@ def setup_logging(service: str, level: str = "INFO", fmt: LogFormat = "text") ->
     handler = logging.StreamHandler()
     handler.addFilter(_WithRequestId())
     if fmt == "json":
+        from pythonjsonlogger.core import RESERVED_ATTRS
         from pythonjsonlogger.json import JsonFormatter
 
         handler.setFormatter(JsonFormatter(
             "%(levelname)s %(name)s %(message)s %(request_id)s",
             rename_fields={"levelname": "level", "name": "logger"},
             static_fields={"service": service}, timestamp="time",  # ISO 8601, UTC
+            reserved_attrs=[*RESERVED_ATTRS, "color_message"],  # uvicorn's copy of the message with ANSI colours
         ))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
