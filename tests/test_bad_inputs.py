@@ -321,9 +321,11 @@ def test_unknown_and_malformed_tokens_get_401(coordinator: TestClient, authoriza
         assert response.status_code == 401, (authorization[:40], path, response.text)
 
 
-def test_rotated_tokens_stop_working_for_every_role(coordinator: TestClient) -> None:
+def test_revoked_tokens_stop_working_for_every_role(coordinator: TestClient) -> None:
     old_client, old_detector = register(coordinator, "node-a"), register(coordinator, "det-a", "detector")
-    new_client, new_detector = register(coordinator, "node-a"), register(coordinator, "det-a", "detector")
+    new_client, new_detector = register(coordinator, "node-b"), register(coordinator, "det-b", "detector")
+    for name in ("node-a", "det-a"):
+        assert coordinator.delete(f"/v1/clients/{name}", headers=admin_headers()).status_code == 200
     assert coordinator.get("/v1/tasks", headers=auth_headers(old_client["token"])).status_code == 401
     assert coordinator.get("/v1/students/latest", headers=auth_headers(old_detector["token"])).status_code == 401
     assert coordinator.get("/v1/tasks", headers=auth_headers(new_client["token"])).status_code == 200

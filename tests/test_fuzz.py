@@ -82,7 +82,7 @@ def token_for(path: str, method: str, tokens: dict) -> str:
     """The principal each coordinator endpoint is meant for (so fuzzing gets past auth)."""
     if path == "/v1/clients/register":
         return BOOTSTRAP
-    if path in ("/v1/runs", "/v1/clients") or (path == "/v1/runs/{run_id}" and method == "GET"):
+    if path in ("/v1/runs", "/v1/clients", "/v1/clients/{name}") or (path == "/v1/runs/{run_id}" and method == "GET"):
         return ADMIN
     return tokens["client"]
 
@@ -92,7 +92,7 @@ def test_coordinator_api_never_fails_with_5xx_or_hangs(coordinator_api: dict) ->
     for operation in ("POST /v1/runs", "POST /v1/clients/register", "PUT /v1/runs/{run_id}/rounds/{round_no}/scores",
                       "PUT /v1/runs/{run_id}/rounds/{round_no}/adapter", "PUT /v1/runs/{run_id}/student",
                       "GET /v1/runs/{run_id}/rounds/{round_no}/global", "GET /v1/students/{version}",
-                      "GET /v1/public/{digest}"):
+                      "GET /v1/public/{digest}", "POST /v1/clients", "DELETE /v1/clients/{name}"):
         assert sent.get(f"{operation} positive", 0) > 0 and sent.get(f"{operation} negative", 0) > 0, operation
 
 

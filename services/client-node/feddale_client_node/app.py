@@ -16,7 +16,7 @@ import httpx
 from fastapi import FastAPI
 
 from feddale.service.heartbeat import HeartbeatSender, heartbeat
-from feddale.service.http import CoordinatorSession
+from feddale.service.http import CoordinatorSession, RegistrationRefused
 from feddale.service.observability import Metrics, add_ops_routes
 from feddale.service.serving import MicroBatcher, ModelSlot, add_detect_routes, coordinator_follower
 
@@ -30,7 +30,7 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
     stop = threading.Event()
     session = CoordinatorSession(
         settings.coordinator_url, settings.bootstrap_secret, settings.name, "client", transport=transport, stop=stop,
-        ca=settings.tls_ca,
+        ca=settings.tls_ca, enrollment_token=settings.enrollment_token, credential_file=settings.credential_file,
     )
     metrics = Metrics("feddale_client_node")
     agent = ClientAgent(session, data=settings.data, log_dir=settings.log_dir, state_dir=settings.state_dir,
@@ -48,6 +48,10 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
         beats.start(stop)
         try:
             agent.start()
+        except RegistrationRefused as exc:  # an operator must act; say what, in one line
+            log.error("client node cannot join: %s", exc)
+            agent.status = {"state": "cannot join", "reason": str(exc)}
+            return
         except Exception:
             if not stop.is_set():
                 log.exception("client node could not start")

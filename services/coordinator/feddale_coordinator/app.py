@@ -1,9 +1,10 @@
 """The coordinator's HTTP API (FastAPI): admin, client, detector and student-job endpoints.
 
 Who may call what:
-- admin (FEDDALE_ADMIN_TOKEN): start and inspect runs, list clients;
-- anyone holding the bootstrap secret: register a client node or a detector, receiving a
-  per-principal token (stored hashed);
+- admin (FEDDALE_ADMIN_TOKEN): start and inspect runs, list clients, enroll and revoke nodes;
+- a node holding a one-time enrollment token (issued by the admin for one name and role), or
+  the bootstrap secret when one is configured (new names only): register, receiving a
+  per-principal token (stored hashed); a node's own token re-registers only itself;
 - client nodes: poll tasks, download the public set and global adapters, upload adapters and
   accuracy payloads, download students;
 - detectors: download students;
@@ -30,8 +31,8 @@ from pydantic import ValidationError
 from feddale.method.config import load_config
 from feddale.data.deployment import federation_split
 from feddale.protocol.messages import (
-    SAFE_ID, ClientView, RegisterRequest, Registration, RunCreated, RunRequest, RunView,
-    StudentInfo, StudentInputs, TaskResponse, UploadAccepted,
+    CLIENT_NAME, SAFE_ID, ClientView, Enrollment, EnrollRequest, RegisterRequest, Registration, Revocation,
+    RunCreated, RunRequest, RunView, StudentInfo, StudentInputs, TaskResponse, UploadAccepted,
 )
 from feddale.service.auth import bearer_token, secret_matches
 from feddale.service.limits import limit_bodies, read_body
@@ -45,7 +46,7 @@ from feddale_coordinator.schedule import Scheduler
 from feddale_coordinator.store import FINAL
 from feddale_coordinator.students import Lifecycle, students_router
 from feddale_coordinator.settings import Settings
-from feddale_coordinator.store import ClientRecord, RunRecord, Store
+from feddale_coordinator.store import ClientRecord, Refused, RunRecord, Store
 from feddale_coordinator.ui import ui_router
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ POLL_BUSY_S = 0.5
 SafeId = Annotated[str, Path(pattern=SAFE_ID)]
 Digest = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 Round = Annotated[int, Path(ge=0, le=10_000)]
+ClientName = Annotated[str, Path(min_length=1, max_length=128, pattern=CLIENT_NAME)]
 
 
 def _public_set(settings: Settings, artifacts: ArtifactStore) -> tuple[Any, PublicSet]:
@@ -134,6 +136,10 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(Refused)
+    async def refused(_: Request, exc: Refused) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     @app.exception_handler(redis.RedisError)
@@ -223,17 +229,68 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
 
     # ----------------------------------------------------------------- registration
 
+    @app.post("/v1/clients", status_code=201, response_model=Enrollment, tags=["admin"])
+    def enroll(body: EnrollRequest, _: None = Depends(admin)) -> Enrollment:
+        """Reserve a free name for one node and issue its one-time enrollment token (409 if taken).
+
+        The token is in this answer only (the coordinator keeps its hash); the role is the
+        admin's choice, so a node can never promote itself.
+        """
+        record, token = store.enroll(body.name, body.role, body.ttl_s or settings.enrollment_ttl_s)
+        log.info("enrolled %s %s until %.0f", record.role, record.name, record.expires_at)
+        return Enrollment(name=record.name, role=record.role, token=token, expires_at=record.expires_at)
+
+    @app.delete("/v1/clients/{name}", response_model=Revocation, tags=["admin"])
+    def revoke(name: ClientName, _: None = Depends(admin)) -> Revocation:
+        """Revoke a node (its token gets 401 at once) or a pending enrollment; the name is free to enroll again.
+
+        A revoked client also leaves the open round, upload included, so it neither holds the
+        round open until its deadline nor counts in it.
+        """
+        record, pending = store.revoke(name)
+        holder = record or pending
+        if holder is None:
+            raise ApiError(404, f"no node or pending enrollment named {name!r}")
+        if record is not None and record.role == "client":
+            engine.drop_client(record.client_id)
+        log.info("revoked %s %s (%s)", holder.role, name, record.client_id if record else "pending enrollment")
+        return Revocation(name=name, client_id=record.client_id if record else None, role=holder.role,
+                          enrollment_pending=pending is not None)
+
     @app.post("/v1/clients/register", status_code=201, response_model=Registration, tags=["clients"])
-    def register(body: RegisterRequest, request: Request) -> Registration:
-        """Exchange the bootstrap secret for a per-node token (re-registering a name rotates it)."""
-        if not secret_matches(bearer_token(request), settings.bootstrap_secret):
-            raise HTTPException(401, "invalid bootstrap secret", headers={"WWW-Authenticate": "Bearer"})
-        record, token = store.register(body.name, body.role, cfg.data.n_clients)
-        if body.role == "client":
+    def register(body: RegisterRequest, request: Request, response: Response) -> Registration:
+        """Exchange a credential for this node's identity; an identity is never handed to another caller.
+
+        - an enrollment token (admin-issued, single use): the name and role the admin fixed (201);
+        - the node's own token: its registration, unchanged (200), which is how a restarted node
+          that kept its credential rejoins with its id and shard;
+        - the bootstrap secret, when configured: a new name with the asked role (201), never one
+          that is registered, reserved by an enrollment, or revoked (409/403).
+        """
+        token = bearer_token(request)
+        if settings.bootstrap_secret is not None and secret_matches(token, settings.bootstrap_secret):
+            if body.name is None:
+                raise HTTPException(422, "registering with the bootstrap secret needs a name")
+            record, token = store.register(body.name, body.role or "client", cfg.data.n_clients)
+            how = "the bootstrap secret"
+        elif (known := store.authenticate(token)) is not None:
+            if body.name not in (None, known.name) or body.role not in (None, known.role):
+                raise HTTPException(403, f"this token belongs to {known.role} {known.name!r}; "
+                                         "it re-registers only that node")
+            record, how = known, "its own token"
+            response.status_code = 200
+        elif (redeemed := store.redeem(token, cfg.data.n_clients, name=body.name, role=body.role)) is not None:
+            (record, token), how = redeemed, "an enrollment token"
+        elif secret_matches(token, settings.admin_token):
+            raise HTTPException(403, "the admin token does not register nodes; enroll one with POST /v1/clients")
+        else:
+            raise HTTPException(401, "invalid, used or expired credential", headers={"WWW-Authenticate": "Bearer"})
+        if record.role == "client":
             store.touch(record.client_id)
-        log.info("registered %s %s as %s (shard %s)", body.role, body.name, record.client_id, record.shard)
+        log.info("registered %s %s as %s (shard %s) with %s", record.role, record.name, record.client_id,
+                 record.shard, how)
         return Registration(
-            client_id=record.client_id, token=token, role=record.role, shard=record.shard,
+            client_id=record.client_id, name=record.name, token=token, role=record.role, shard=record.shard,
             num_shards=cfg.data.n_clients, data=cfg.data.model_dump(mode="json"), seed=cfg.seeds[0],
         )
 

@@ -321,6 +321,18 @@ class RunEngine:
 
     # ----------------------------------------------------------------- client side
 
+    def drop_client(self, client_id: str) -> None:
+        """Take a revoked client out of the active run's open round (under the run lock, so a
+        round closing at this moment sees it either wholly in or wholly out)."""
+        run_id = self.store.active_run_id()
+        if run_id is None:
+            return
+        with self.store.run_lock(run_id):
+            run = self.store.run(run_id)
+            if run is not None and run.status in ("fedavg", "distill"):
+                self.store.leave_round(run_id, run.round, client_id)
+                log.info("run %s: revoked client %s left round %d", run_id, client_id, run.round)
+
     def task_for(self, client_id: str) -> Task | None:
         """The work this client still owes the active run's open round, if any."""
         run_id = self.store.active_run_id()
@@ -472,7 +484,7 @@ class RunEngine:
             info = StudentInfo(
                 version=version, run_id=run_id, base_model=artifact.meta.base, published_at=time.time(),
                 bytes=len(blob), sha256=sha, path=f"/v1/students/{version}", pseudo_labels=pseudo_labels,
-                score_histogram=histogram,
+                score_histogram=histogram, threshold=artifact.threshold,
             )
             try:
                 info = info.model_copy(update={"provenance": student_provenance(self.store, run, pseudo_labels, query)})

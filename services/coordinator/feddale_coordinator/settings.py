@@ -15,7 +15,10 @@ class Settings(ServiceSettings):
     port: int = 8000
     redis_url: str = DEFAULT_REDIS_URL
     admin_token: Secret
-    bootstrap_secret: Secret
+    # Unset: only nodes the admin enrolled can join (POST /v1/clients); set: its holders may also
+    # register new names (never a taken one), the zero-config path of `feddale up`, compose and k8s.
+    bootstrap_secret: Secret | None = None
+    enrollment_ttl_s: float = Field(24 * 3600.0, gt=0)  # an unused enrollment token dies after this
     artifact_dir: Path = Path("./artifacts")
     config: str = "tiny"
     data: str | None = None

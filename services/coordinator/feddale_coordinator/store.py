@@ -1,4 +1,4 @@
-"""Coordinator state in Redis: client registry, runs, rounds, uploads and byte counters.
+"""Coordinator state in Redis: client registry, enrollments, runs, rounds, uploads and byte counters.
 
 Everything the coordinator must remember lives here (or on disk in the artifact store), so a
 restarted coordinator picks a run up where it was. Run documents are JSON values changed only
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel
 
-from feddale.protocol.messages import PseudoLabelSummary
+from feddale.protocol.messages import PseudoLabelSummary, Role
 from feddale.service.auth import hash_token, new_token, token_matches
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 P = "feddale:"
 LOCK_TTL_S = 15.0
 LOCK_WAIT_S = 600.0
-Role = Literal["client", "detector"]
 RunStatus = Literal["fedavg", "distill", "student_training", "published", "failed", "cancelled"]
 FINAL = ("published", "failed", "cancelled")
 BEATS_KEPT = 720  # a detector's recent heartbeats: an hour at the default 5 s interval
@@ -41,6 +40,25 @@ class ClientRecord(BaseModel):
     token_hash: str
     shard: int | None
     registered_at: float
+    joined_by: Literal["bootstrap", "enrollment"] = "bootstrap"  # which credential created it (audit)
+
+
+class EnrollmentRecord(BaseModel):
+    """A name the admin reserved for one node; only the hash of its one-time token is kept."""
+
+    name: str
+    role: Role
+    token_hash: str
+    issued_at: float
+    expires_at: float
+
+
+class Refused(Exception):
+    """A registry change the caller may not make; ``status`` is its HTTP answer (409 taken, 403 not allowed)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 class RoundSummary(BaseModel):
@@ -93,39 +111,124 @@ class Store:
 
     # ----------------------------------------------------------------- clients
 
-    def register(self, name: str, role: Role, num_shards: int) -> tuple[ClientRecord, str]:
-        """(Re-)register ``name``: same name keeps its id and shard and gets a fresh token.
+    def _registry_lock(self) -> redis.lock.Lock:
+        return self.r.lock(P + "lock:registry", timeout=10, blocking_timeout=10)
 
-        A restarted node (same container hostname or configured name) thus rejoins as itself,
-        while N fresh replicas get N distinct shards: the lowest shard nobody holds, or, once
-        all are held, round-robin (more replicas than shards share shards).
+    def _pending(self, name: str) -> EnrollmentRecord | None:
+        """The unexpired enrollment reserving ``name``, if any (Redis expires the record itself)."""
+        token_hash = self.r.hget(P + "enrollment_names", name)
+        raw = self.r.get(P + f"enrollment:{token_hash.decode()}") if token_hash else None
+        return EnrollmentRecord.model_validate_json(raw) if raw else None
+
+    def _check_free(self, name: str) -> None:
+        """409 unless ``name`` is neither registered nor reserved: a name is never taken over."""
+        if self.r.hexists(P + "client_names", name):
+            raise Refused(409, f"the name {name!r} is taken; a node rejoins with its own token, "
+                               "and the admin frees a name with `feddale clients revoke`")
+        if self._pending(name) is not None:
+            raise Refused(409, f"the name {name!r} is reserved by a pending enrollment")
+
+    def enroll(self, name: str, role: Role, ttl_s: float) -> tuple[EnrollmentRecord, str]:
+        """Reserve a free ``name`` for one node with ``role``; returns the record and its one-time token.
+
+        Only the token's hash is stored, under a key Redis deletes at expiry, so an unused token
+        dies on its own. Enrolling a revoked name re-admits it (the admin decided so).
         """
-        token_secret = new_token()
-        with self.r.lock(P + "lock:registry", timeout=10, blocking_timeout=10):
-            existing_id = self.r.hget(P + "client_names", name)
-            if existing_id is not None:
-                record = self.client(existing_id.decode())
-                if record is not None and record.role == role:
-                    token = f"{record.client_id}.{token_secret}"
-                    record = record.model_copy(update={"token_hash": hash_token(token)})
-                    self.r.hset(P + "clients", record.client_id, record.model_dump_json())
-                    return record, token
-            client_id = f"{role[0]}-{uuid.uuid4().hex[:12]}"
-            shard = None
-            if role == "client":
-                held = [c.shard for c in self.clients("client") if c.shard is not None]
-                free = [s for s in range(num_shards) if s not in held]
-                shard = free[0] if free else len(held) % num_shards
-            token = f"{client_id}.{token_secret}"
-            record = ClientRecord(
-                client_id=client_id, name=name, role=role, token_hash=hash_token(token),
-                shard=shard, registered_at=time.time(),
-            )
+        token = new_token()
+        now = time.time()
+        with self._registry_lock():
+            self._check_free(name)
+            record = EnrollmentRecord(name=name, role=role, token_hash=hash_token(token), issued_at=now,
+                                      expires_at=now + ttl_s)
             pipe = self.r.pipeline()
-            pipe.hset(P + "clients", client_id, record.model_dump_json())
-            pipe.hset(P + "client_names", name, client_id)
+            pipe.set(P + f"enrollment:{record.token_hash}", record.model_dump_json(), px=max(1, int(ttl_s * 1000)))
+            pipe.hset(P + "enrollment_names", name, record.token_hash)
+            pipe.srem(P + "revoked_names", name)
             pipe.execute()
-            return record, token
+        return record, token
+
+    def register(self, name: str, role: Role, num_shards: int) -> tuple[ClientRecord, str]:
+        """A new identity for a holder of the bootstrap secret: never a taken, reserved or revoked name."""
+        with self._registry_lock():
+            if self.r.sismember(P + "revoked_names", name):
+                raise Refused(403, f"the name {name!r} was revoked; the admin must enroll it again")
+            self._check_free(name)
+            pipe = self.r.pipeline()
+            created = self._create(pipe, name, role, num_shards, "bootstrap")
+            pipe.execute()
+            return created
+
+    def redeem(self, token: str, num_shards: int, *, name: str | None = None,
+               role: Role | None = None) -> tuple[ClientRecord, str] | None:
+        """Exchange an enrollment token for the identity it reserved; None when it is unknown, used or expired.
+
+        Name and role come from the enrollment; a caller asking for others is refused before the
+        token is spent. The enrollment is deleted in the same transaction that creates the
+        identity, so a token works exactly once.
+        """
+        token_hash = hash_token(token)
+        with self._registry_lock():
+            raw = self.r.get(P + f"enrollment:{token_hash}")
+            if raw is None:
+                return None
+            enrollment = EnrollmentRecord.model_validate_json(raw)
+            if role not in (None, enrollment.role) or name not in (None, enrollment.name):
+                raise Refused(403, f"this enrollment token is for {enrollment.role} {enrollment.name!r}; "
+                                   "name and role are fixed by the admin")
+            if self.r.hexists(P + "client_names", enrollment.name):  # cannot happen: the name was reserved
+                raise Refused(409, f"the name {enrollment.name!r} is taken")
+            pipe = self.r.pipeline()
+            pipe.delete(P + f"enrollment:{token_hash}")
+            pipe.hdel(P + "enrollment_names", enrollment.name)
+            created = self._create(pipe, enrollment.name, enrollment.role, num_shards, "enrollment")
+            pipe.execute()
+            return created
+
+    def _create(self, pipe: redis.client.Pipeline, name: str, role: Role, num_shards: int,
+                joined_by: Literal["bootstrap", "enrollment"]) -> tuple[ClientRecord, str]:
+        """A new identity for ``name``, written by ``pipe`` (the caller holds the registry lock).
+
+        N fresh replicas get N distinct shards: the lowest shard nobody holds, or, once all are
+        held, round-robin (more replicas than shards share shards).
+        """
+        client_id = f"{role[0]}-{uuid.uuid4().hex[:12]}"
+        shard = None
+        if role == "client":
+            held = [c.shard for c in self.clients("client") if c.shard is not None]
+            free = [s for s in range(num_shards) if s not in held]
+            shard = free[0] if free else len(held) % num_shards
+        token = f"{client_id}.{new_token()}"
+        record = ClientRecord(
+            client_id=client_id, name=name, role=role, token_hash=hash_token(token),
+            shard=shard, registered_at=time.time(), joined_by=joined_by,
+        )
+        pipe.hset(P + "clients", client_id, record.model_dump_json())
+        pipe.hset(P + "client_names", name, client_id)
+        return record, token
+
+    def revoke(self, name: str) -> tuple[ClientRecord | None, EnrollmentRecord | None]:
+        """Delete ``name``'s identity and any pending enrollment: its token gets 401 from now on.
+
+        The name is free for the admin's next enrollment, but the bootstrap secret can no longer
+        claim it, or a revoked node holding that secret would simply register again.
+        """
+        with self._registry_lock():
+            client_id = self.r.hget(P + "client_names", name)
+            record = self.client(client_id.decode()) if client_id else None
+            pending = self._pending(name)
+            if record is None and pending is None:
+                return None, None
+            pipe = self.r.pipeline()
+            pipe.hdel(P + "client_names", name)
+            if record is not None:
+                pipe.hdel(P + "clients", record.client_id)
+                pipe.zrem(P + "last_seen", record.client_id)
+            if pending is not None:
+                pipe.delete(P + f"enrollment:{pending.token_hash}")
+                pipe.hdel(P + "enrollment_names", name)
+            pipe.sadd(P + "revoked_names", name)
+            pipe.execute()
+            return record, pending
 
     def client(self, client_id: str) -> ClientRecord | None:
         raw = self.r.hget(P + "clients", client_id)
@@ -252,6 +355,13 @@ class Store:
 
     def expected(self, run_id: str, round_no: int) -> set[str]:
         return {m.decode() for m in self.r.smembers(P + f"run:{run_id}:round:{round_no}:expected")}
+
+    def leave_round(self, run_id: str, round_no: int, client_id: str) -> None:
+        """``client_id`` is neither waited for nor counted in this round (a revoked client)."""
+        pipe = self.r.pipeline()
+        pipe.srem(P + f"run:{run_id}:round:{round_no}:expected", client_id)
+        pipe.hdel(P + f"run:{run_id}:round:{round_no}:uploads", client_id)
+        pipe.execute()
 
     def put_upload(self, run_id: str, round_no: int, client_id: str, info: dict[str, Any]) -> None:
         """Record an accepted upload; a repeat from the same client overwrites (counted once)."""

@@ -2,9 +2,10 @@
 
 A follower thread polls the coordinator and loads each newly published student next to the
 one serving; the swap is atomic, so no request fails or mixes versions during an update.
-The detector registers with the bootstrap secret as role `detector`: its token can read
-students and nothing else. Students run on ONNX Runtime (fp32, or int8 with
-FEDDALE_DETECTOR_PRECISION=int8); this service imports neither torch nor transformers.
+The detector registers as role `detector` (with the enrollment token the admin issued it, or
+the bootstrap secret): its token can read students and nothing else. Students run on ONNX
+Runtime (fp32, or int8 with FEDDALE_DETECTOR_PRECISION=int8); this service imports neither
+torch nor transformers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def create_app(settings: Settings, transport: httpx.BaseTransport | None = None)
     stop = threading.Event()
     session = CoordinatorSession(
         settings.coordinator_url, settings.bootstrap_secret, settings.name, "detector", transport=transport, stop=stop,
-        ca=settings.tls_ca,
+        ca=settings.tls_ca, enrollment_token=settings.enrollment_token, credential_file=settings.credential_file,
     )
     metrics = Metrics("feddale_detector")
     slot = ModelSlot()

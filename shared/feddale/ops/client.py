@@ -1,4 +1,4 @@
-"""The operator's Python client for a coordinator: start, watch, list and cancel runs; list clients.
+"""The operator's Python client for a coordinator: start, watch, list and cancel runs; list, enroll and revoke clients.
 
 `feddale runs ...` and `feddale clients ...` are thin commands over this class, and tests drive
 real processes through it. Every answer is validated into the protocol's models, and every
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import time
+from urllib.parse import quote
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from feddale.protocol.messages import RunCreated, RunView, ScheduleView, StudentsView
+from feddale.protocol.messages import Enrollment, Revocation, Role, RunCreated, RunView, ScheduleView, StudentsView
 from feddale.service.auth import auth_headers
 from feddale.service.settings import DEFAULT_COORDINATOR_URL
 
@@ -87,6 +88,17 @@ class Coordinator:
 
     def schedule(self) -> ScheduleView:
         return ScheduleView.model_validate(self._call("GET", "/v1/schedule"))
+
+    def enroll(self, name: str, role: Role = "client", ttl_s: float | None = None) -> Enrollment:
+        """``POST /v1/clients``: a one-time enrollment token for ``name`` (409 when the name is taken)."""
+        body: dict[str, Any] = {"name": name, "role": role}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return Enrollment.model_validate(self._call("POST", "/v1/clients", json=body))
+
+    def revoke(self, name: str) -> Revocation:
+        """``DELETE /v1/clients/{name}``: the node's token stops working at once; the name can be enrolled again."""
+        return Revocation.model_validate(self._call("DELETE", f"/v1/clients/{quote(name, safe='')}"))
 
     def wait(self, run_id: str, on_change: Callable[[RunView], None] | None = None, poll_s: float = 1.0,
              timeout_s: float | None = None) -> RunView:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -89,7 +91,27 @@ def _clients(args: argparse.Namespace) -> int:
     with _coordinator(args) as coordinator:
         for client in coordinator.clients():
             alive = "alive" if client.get("alive") else "silent"
-            print(f"{client['client_id']}  {client['role']:<8} {client['name']:<24} shard {client.get('shard')}  {alive}")
+            print(f"{client['client_id']}  {client['role']:<8} {client['name']:<24} shard {client.get('shard')}  {alive}  "
+                  f"joined by {client.get('joined_by', 'bootstrap')}")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    """The token goes to stdout alone (``TOKEN=$(feddale clients enroll NAME)``), the rest to stderr."""
+    with _coordinator(args) as coordinator:
+        enrollment = coordinator.enroll(args.name, args.role, args.ttl)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(enrollment.expires_at))
+    print(enrollment.token)
+    print(f"one-time enrollment token for {enrollment.role} {enrollment.name!r}, valid until {expires}; "
+          "give it to that node as FEDDALE_ENROLLMENT_TOKEN (it is not shown again)", file=sys.stderr)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    with _coordinator(args) as coordinator:
+        revoked = coordinator.revoke(args.name)
+    what = revoked.client_id or "its pending enrollment"
+    print(f"revoked {revoked.role} {revoked.name} ({what})")
     return 0
 
 
@@ -123,7 +145,19 @@ def add_operator_commands(sub: argparse._SubParsersAction) -> None:
     cancel.add_argument("run_id")
     cancel.set_defaults(func=_cancel)
 
-    clients = sub.add_parser("clients", help="the coordinator's registered client nodes and detectors")
+    clients = sub.add_parser("clients", help="list, enroll and revoke the coordinator's client nodes and detectors")
     client_commands = clients.add_subparsers(dest="clients_command", required=True)
     client_list = client_commands.add_parser("list", parents=[url], help="every registered node, with liveness")
     client_list.set_defaults(func=_clients)
+    enroll = client_commands.add_parser("enroll", parents=[url],
+                                        help="reserve NAME and print its one-time enrollment token (shown once)")
+    enroll.add_argument("name")
+    enroll.add_argument("--role", default="client", choices=["client", "detector"],
+                        help="fixed by you, never by the node (default client; a detector can only pull students)")
+    enroll.add_argument("--ttl", type=float, metavar="SECONDS",
+                        help="the token expires unused after this (default: the coordinator's, 24 h)")
+    enroll.set_defaults(func=_enroll)
+    revoke = client_commands.add_parser("revoke", parents=[url],
+                                        help="revoke NAME: its token stops working at once, the name can be enrolled again")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=_revoke)

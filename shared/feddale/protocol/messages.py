@@ -143,21 +143,61 @@ class RunView(BaseModel):
     round_started_at: float | None = None  # with round_deadline_s: when the current round closes at the latest
 
 
+CLIENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$"
+Role = Literal["client", "detector"]
+
+
 class RegisterRequest(BaseModel):
+    """``POST /v1/clients/register``: what a node asks for; its bearer credential decides what it gets.
+
+    With the bootstrap secret, ``name`` is required and ``role`` defaults to ``client``. With an
+    enrollment token or the node's own token, the coordinator already knows both: they may be
+    left out, and a value that differs is refused, so a caller can never choose its own role.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
-    role: Literal["client", "detector"] = "client"
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=CLIENT_NAME)
+    role: Role | None = None
 
 
 class Registration(BaseModel):
     client_id: str
+    name: str
     token: str
-    role: str
+    role: Role
     shard: int | None
     num_shards: int
     data: dict[str, Any]
     seed: int
+
+
+class EnrollRequest(BaseModel):
+    """``POST /v1/clients`` (admin): reserve ``name`` for one node with a fixed role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=CLIENT_NAME)
+    role: Role = "client"
+    ttl_s: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="default FEDDALE_ENROLLMENT_TTL_S")
+
+
+class Enrollment(BaseModel):
+    """A one-time enrollment token: shown once, stored only as its hash, void after use or expiry."""
+
+    name: str
+    role: Role
+    token: str
+    expires_at: float
+
+
+class Revocation(BaseModel):
+    """``DELETE /v1/clients/{name}``: what was revoked (a registered node, a pending enrollment, or both)."""
+
+    name: str
+    client_id: str | None
+    role: Role
+    enrollment_pending: bool
 
 
 class PublicRef(BaseModel):

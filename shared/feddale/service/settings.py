@@ -65,17 +65,35 @@ class ServiceSettings(BaseSettings):
 
 
 class NodeSettings(ServiceSettings):
-    """A process that registers with the coordinator and follows its students (client node, detector)."""
+    """A process that registers with the coordinator and follows its students (client node, detector).
+
+    It joins with the one-time enrollment token the admin issued for it, or with the fleet's
+    bootstrap secret; either way the credential it receives is kept in ``state_dir``, which is how
+    a restarted node proves it is itself (the coordinator never hands a taken name to anyone else).
+    """
 
     coordinator_url: str = DEFAULT_COORDINATOR_URL
-    bootstrap_secret: Secret
+    bootstrap_secret: Secret | None = None
+    enrollment_token: Secret | None = None  # from `feddale clients enroll NAME`; used once, then the credential is kept
     node_name: str | None = None  # default: host name and port (stable across restarts)
     state_dir: Path | None = None
     student_poll_s: float = 5.0
 
+    @model_validator(mode="after")
+    def _can_join(self) -> NodeSettings:
+        stored = self.credential_file is not None and self.credential_file.is_file()
+        if not (self.bootstrap_secret or self.enrollment_token or stored):
+            raise ValueError("set FEDDALE_ENROLLMENT_TOKEN (from `feddale clients enroll`) or FEDDALE_BOOTSTRAP_SECRET")
+        return self
+
     @property
     def name(self) -> str:
         return self.node_name or f"{socket.gethostname()}-{self.port}"
+
+    @property
+    def credential_file(self) -> Path | None:
+        """Where the node keeps the credential the coordinator issued it (none without a state dir)."""
+        return self.state_dir / "credential.json" if self.state_dir else None
 
 
 def load_settings(cls: type[S]) -> S:
