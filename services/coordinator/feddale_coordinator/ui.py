@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from feddale.protocol.messages import SAFE_ID, DetectorStats, RunView, StudentInfo
+from feddale.protocol.messages import SAFE_ID, DetectorStats, PromotionDecision, RunView, StudentInfo, StudentsView
 
 from feddale_coordinator.store import RunRecord, Store
 
@@ -73,7 +73,8 @@ class DetectorRow(BaseModel):
 
 
 class StudentRow(StudentInfo):
-    latest: bool
+    promoted: bool  # the version detectors and client nodes are told to serve
+    decision: PromotionDecision | None  # promoted automatically on publishing, or held back, and why
     served_by: list[str]  # detectors whose last heartbeat named this version
 
 
@@ -85,6 +86,7 @@ class DashboardState(BaseModel):
     fedavg_adapter_bytes: int | None  # one teacher LoRA adapter (fp16): FedAvg's cost per client per round
     clients: list[ClientRow]
     students: list[StudentRow]
+    pinned: bool  # automatic promotion is off until unpinned
     detectors: list[DetectorRow]
 
 
@@ -105,7 +107,8 @@ def adapter_bytes(teacher_model: str, rank: int) -> int | None:
 
 
 def ui_router(
-    store: Store, ttl_s: float, admin: Callable[..., None], run_view: Callable[[RunRecord], RunView]
+    store: Store, ttl_s: float, admin: Callable[..., None], run_view: Callable[[RunRecord], RunView],
+    students: Callable[[], StudentsView],
 ) -> APIRouter:
     router = APIRouter()
 
@@ -158,11 +161,11 @@ def ui_router(
             )
             for c in clients if c.role == "detector"
         ]
-        latest = (store.latest_student() or {}).get("version")
-        students = [
-            StudentRow(**info, latest=info["version"] == latest,
-                       served_by=[d.name for d in detectors if d.alive and d.model_version == info["version"]])
-            for info in store.students()
+        lifecycle = students()
+        rows = [
+            StudentRow(**entry.info.model_dump(), promoted=entry.promoted, decision=entry.decision,
+                       served_by=[d.name for d in detectors if d.alive and d.model_version == entry.info.version])
+            for entry in lifecycle.students
         ]
         return DashboardState(
             now=time.time(), ttl_s=ttl_s,
@@ -170,7 +173,7 @@ def ui_router(
                              student_version=r.student_version, created_at=r.created_at)
                   for r in records[:RUNS_SHOWN]],
             run=run_view(chosen) if chosen is not None else None, fedavg_adapter_bytes=fedavg,
-            clients=clients, students=students, detectors=detectors,
+            clients=clients, students=rows, pinned=lifecycle.pinned, detectors=detectors,
         )
 
     return router

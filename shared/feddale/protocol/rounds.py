@@ -228,7 +228,9 @@ def score_histogram(distilled: Distilled, bins: int = 20) -> ScoreHistogram:
     per_client = aggregated.ndim == 2  # filter=none: each client cut its own scores
     scores = aggregated.mean(axis=0) if per_client else aggregated
     low, high = float(scores.min()), float(scores.max())
-    counts, edges = np.histogram(scores, bins=bins, range=(low, high if high > low else low + 1e-6))
+    if high - low < 1e-9:  # every session scored alike (an untrained teacher): one bar, centred
+        low, high = low - 0.05, high + 0.05
+    counts, edges = np.histogram(scores, bins=bins, range=(low, high))
     normal, anomalous = distilled.selection.normal_idx, distilled.selection.anomalous_idx
     return ScoreHistogram(
         edges=[float(e) for e in edges], counts=[int(c) for c in counts],

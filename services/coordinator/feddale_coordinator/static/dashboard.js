@@ -200,10 +200,13 @@ function renderStudents(state) {
   fillBody($("students-table"), state.students.map((s) => el("tr", {
     class: "clickable" + (s.version === view.student ? " selected" : ""),
     onclick: () => { view.student = s.version; renderStudents(state); },
-  }, el("td", {}, el("code", {}, s.version), s.latest ? el("span", { class: "badge" }, "latest") : null),
+  }, el("td", {}, el("code", {}, s.version),
+       s.promoted ? el("span", { class: "badge" }, state.pinned ? "promoted, pinned" : "promoted") : null),
      el("td", {}, el("code", {}, s.run_id)), el("td", {}, stamp(s.published_at)), el("td", {}, s.base_model),
      el("td", { class: "num" }, bytes(s.bytes)),
      el("td", {}, s.pseudo_labels ? `${s.pseudo_labels.normal} / ${s.pseudo_labels.anomalous}` : "–"),
+     el("td", { title: s.decision ? s.decision.reason : "" },
+        s.decision ? (s.decision.promoted ? "promoted on publishing" : "held back") : "–"),
      el("td", {}, s.served_by.join(", ") || "–"))));
   const student = state.students.find((s) => s.version === view.student);
   const hist = student && student.score_histogram;
@@ -213,8 +216,8 @@ function renderStudents(state) {
     return;
   }
   const centres = hist.counts.map((_, i) => (hist.edges[i] + hist.edges[i + 1]) / 2);
-  // normal to the right of its line, anomalous to the left of its own: the labels never overlap
-  const cuts = [[hist.normal_cutoff, "#1a7f37", "normal ≥ ", 1], [hist.anomalous_cutoff, "#cf222e", "anomalous ≤ ", -1]];
+  // Each label inside the plot, towards the other line, on a row of its own: they never overlap or clip.
+  const cuts = [[hist.normal_cutoff, "#1a7f37", "normal ≥ ", -1, 1], [hist.anomalous_cutoff, "#cf222e", "anomalous ≤ ", 1, 2]];
   chart("histogram", student.version, () => ({
     width: 640, height: 220,
     scales: { x: { time: false, range: [hist.edges[0], hist.edges[hist.edges.length - 1]] } },
@@ -223,7 +226,7 @@ function renderStudents(state) {
       paths: uPlot.paths.bars({ size: [0.95, Infinity], align: 0 }), points: { show: false } }],
     hooks: { draw: [(u) => {
       const ctx = u.ctx;
-      for (const [value, colour, label, side] of cuts) {
+      for (const [value, colour, label, side, row] of cuts) {
         if (value === null || value === undefined) continue;
         const x = u.valToPos(value, "x", true);
         ctx.save();
@@ -231,7 +234,7 @@ function renderStudents(state) {
         ctx.beginPath(); ctx.moveTo(x, u.bbox.top); ctx.lineTo(x, u.bbox.top + u.bbox.height); ctx.stroke();
         ctx.font = `${12 * devicePixelRatio}px sans-serif`;
         ctx.textAlign = side > 0 ? "left" : "right";
-        ctx.fillText(label + value.toPrecision(3), x + side * 4 * devicePixelRatio, u.bbox.top + 14 * devicePixelRatio);
+        ctx.fillText(label + value.toPrecision(3), x + side * 4 * devicePixelRatio, u.bbox.top + row * 14 * devicePixelRatio);
         ctx.restore();
       }
     }] },
