@@ -1,6 +1,7 @@
 """render-hdfs: event sequences as a raw HDFS.log that groups back to the same session texts."""
 
 import csv
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,11 @@ from feddale.data.hdfs import load_event_csv
 from feddale.data.sources import load_dataset
 from feddale.data.synthetic import EVENT_TEMPLATES, generate_events
 from feddale.ingest.render_hdfs import render_hdfs
+from feddale.method.config import DataConfig
 from feddale.ops.cli import main
 
-HDFS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hdfs"
+ROOT = Path(__file__).resolve().parents[1]
+HDFS = ROOT.parent / "shared" / "data" / "hdfs"
 needs_hdfs = pytest.mark.skipif(not (HDFS / "sessions.csv").is_file(), reason="real HDFS data absent")
 
 
@@ -85,3 +88,25 @@ def test_unknown_templates_and_missing_files_are_errors(tmp_path):
 @needs_hdfs
 def test_real_sessions_render_and_group_back(tmp_path, capsys):
     _round_trip(HDFS, tmp_path / "raw", capsys, limit=400)
+
+
+def _check_raw_split():
+    spec = importlib.util.spec_from_file_location("check_raw_split", ROOT / "scripts" / "check_raw_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_the_raw_log_splits_exactly_as_the_event_sequences(tmp_path, capsys, partition):
+    """Blocks first appear in sessions.csv order, so the grouped log is the same data set in the
+    same order and federation_split draws the same sessions for every part (the raw-vs-event
+    measurement compares the two paths on one split)."""
+    events = _event_dir(tmp_path)
+    _round_trip(events, tmp_path / "raw", capsys)
+    data = DataConfig(n_clients=2, public=(4, 2), test=(4, 2), validation=(2, 1), partition=partition)
+    check = _check_raw_split()
+    report = check.compare(f"hdfs-csv:{events}", tmp_path / "raw", data, seed=3)
+    assert check.identical(report), report
+    assert report["dataset"]["sessions"] == 51 and report["public"]["sessions"] == 6
+    assert {"client-1", "client-2", "validation", "test"} <= report.keys()

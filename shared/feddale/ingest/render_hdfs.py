@@ -13,6 +13,10 @@ come from, in the shape of Loghub's ``HDFS.log``:
 * sessions interleaved in time: blocks start a fraction of a second apart, the write pipeline
   follows within seconds, reads, verifications and deletions minutes to hours later, as in the
   real log. Within a session the events keep their order.
+* a block's first line is its start, so blocks first appear in the log in the order of
+  ``sessions.csv``; grouping the log (sessions come out in order of their first line) gives
+  the sessions back in that order, with the same labels, so ``federation_split`` draws the
+  same sessions for every part from either (``scripts/check_raw_split.py``).
 
 Next to it go ``anomaly_label.csv`` (``BlockId,Label`` with ``Normal``/``Anomaly``, when the
 sessions are labeled) and ``blocks.csv`` (``session_id,BlockId``), which ties each block back
@@ -190,7 +194,8 @@ def render_hdfs(directory: Path, out: Path, limit: int | None = None, seed: int 
         blocks.append((session_id, f"blk_{block.id}", label))
         moment = started
         for index, event in enumerate(events):
-            moment += rng.expovariate(1 / 1800) if event in _LATE else rng.expovariate(2.0)
+            if index:  # the first event is the block's start, so blocks first appear in file order
+                moment += rng.expovariate(1 / 1800) if event in _LATE else rng.expovariate(2.0)
             level, component, _ = _EVENTS[event]
             thread = rng.randrange(19, 36) if component == _NAMENODE else rng.randrange(1, 30000)
             stamp = (_START + timedelta(seconds=moment)).strftime("%y%m%d %H%M%S")
