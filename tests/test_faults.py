@@ -67,8 +67,9 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     work = tmp_path_factory.mktemp("faults")
     with LocalFederation(
         3, config=str(fast_config(work)), log_dir=work,
+        # margin 1.0: every new student is promoted, whatever its agreement (the rule: test_lifecycle.py)
         extra_env={"FEDDALE_STUDENT_POLL_S": "1", "FEDDALE_TICK_S": "0.2", "FEDDALE_JOB_HEARTBEAT_S": "1",
-                   "FEDDALE_LOG_LEVEL": "INFO"},
+                   "FEDDALE_LOG_LEVEL": "INFO", "FEDDALE_PROMOTION_MARGIN": "1.0"},
     ) as federation:
         yield federation
 

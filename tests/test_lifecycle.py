@@ -237,3 +237,20 @@ def test_the_schedule_starts_runs_and_skips_while_one_is_active(scheduled: TestC
     view = scheduled.get("/v1/schedule", headers=admin_headers()).json()
     assert view["interval_s"] == 1.0 and view["next_at"] is not None
     assert 'feddale_coordinator_scheduled_runs_total{outcome="started"} 2.0' in scheduled.get("/metrics").text
+
+
+# --------------------------------------------------------------------------- the commands' help
+
+
+@pytest.mark.parametrize("command", [["students", "list"], ["students", "show"], ["students", "promote"],
+                                     ["students", "pin"], ["students", "unpin"], ["students", "rollback"],
+                                     ["schedule"]])
+def test_every_command_explains_itself(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from feddale.ops.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0 and "--url" in text and "FEDDALE_URL" in text and "FEDDALE_ADMIN_TOKEN" in text
+    if command[-1] in ("show", "promote", "pin"):
+        assert "feddale students list" in text  # where VERSION comes from
