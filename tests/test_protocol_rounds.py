@@ -10,6 +10,7 @@ from feddale.data.deployment import federation_split, public_digest
 from feddale.method import adapters
 from feddale.method.config import load_config
 from feddale.method.payload import PayloadError
+from feddale.method.threshold import decision_threshold
 from feddale.protocol import rounds
 from feddale.protocol.messages import PublicRef, Task
 
@@ -86,6 +87,23 @@ def test_two_fedavg_rounds_then_distillation(split, teacher) -> None:
                                                    len(distilled.selection.anomalous_idx))
     assert summary.digest == rounds.selection_digest(distilled.selection)
     assert distilled.artifact.version
+    assert distilled.artifact.threshold == 0.5 and distilled.artifact.meta.stats["threshold"] == {"rule": "fixed"}
+
+
+def test_the_otsu_threshold_comes_from_the_students_public_scores_alone(split) -> None:
+    public_texts = [s.text for s in split.public]
+    matrix = np.random.default_rng(0).random((2, len(public_texts)))
+    fixed = rounds.distil(CFG, public_texts, matrix)
+    otsu_cfg = CFG.model_copy(update={"student": CFG.student.model_copy(update={"threshold": "otsu"})})
+    distilled = rounds.distil(otsu_cfg, public_texts, matrix)
+    probs = rounds.public_probabilities(distilled.artifact, public_texts)
+    assert distilled.artifact.threshold == decision_threshold(probs, "otsu")
+    evidence = distilled.artifact.meta.stats["threshold"]
+    assert evidence["rule"] == "otsu" and evidence["public_sessions"] == len(public_texts)
+    assert evidence["public_flagged_share"] == pytest.approx(float((probs >= distilled.artifact.threshold).mean()), abs=1e-6)
+    # Same weights as the fixed-rule student, another decision: the version says so.
+    assert distilled.artifact.weights == fixed.artifact.weights
+    assert distilled.artifact.version != fixed.artifact.version
 
 
 def test_fedavg_weights_by_bounded_samples(teacher) -> None:

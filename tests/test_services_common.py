@@ -159,7 +159,8 @@ def test_detect_schema_swap_and_version_per_response(students: tuple[bytes, byte
         slot.swap(first)
         answer = client.post("/v1/detect", json=body).json()
         assert answer["model_version"] == first.version and 0 <= answer["results"][0]["score"] <= 1
-        assert client.get("/v1/model").json()["version"] == first.version
+        info = client.get("/v1/model").json()
+        assert info["version"] == first.version and info["threshold"] == first.detector.threshold
 
         def call(_: int) -> str:
             response = client.post("/v1/detect", json=body)

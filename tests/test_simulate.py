@@ -6,9 +6,6 @@ import pytest
 
 from feddale.ops.cli import main
 from feddale.method.config import load_config
-from feddale.harness.simulate import otsu_threshold
-
-import numpy as np
 
 SMALL = [
     "--set", "data.n_clients=2", "--set", "data.public=[30,30]", "--set", "data.test=[20,20]",
@@ -69,13 +66,6 @@ def test_cli_reports_broken_files_in_one_line(tmp_path, capsys):
     assert main(["simulate", "--config", "tiny", "--quiet", "--out", str(out), *SMALL]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("feddale: error:") and "Traceback" not in err
-
-
-def test_otsu_threshold_splits_two_groups():
-    scores = np.concatenate([np.full(50, 0.2), np.full(50, 0.9)])
-    assert 0.2 < otsu_threshold(scores) <= 0.9
-    with pytest.raises(ValueError):
-        otsu_threshold(np.array([]))
 
 
 def test_paper_profile_runs_its_own_settings_at_tiny_scale(tmp_path):

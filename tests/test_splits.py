@@ -47,6 +47,20 @@ def test_parts_are_disjoint_and_sized(data: Dataset) -> None:
     assert max(sizes) - min(sizes) <= 1
 
 
+def test_natural_part_has_its_rate_is_disjoint_and_changes_nothing_else(data: Dataset) -> None:
+    plain = make_split(data, 3, **SMALL, seed=2)
+    assert plain.natural == ()
+    split = make_split(data, 3, **SMALL, natural=(970, 30), seed=2)
+    assert Counter(x.label for x in split.natural) == {0: 970, 1: 30}
+    ids = {**_ids(split), "natural": [x.session.id for x in split.natural]}
+    for a, b in combinations(ids, 2):
+        assert not set(ids[a]) & set(ids[b]), (a, b)
+    # Drawn after the others: public, test and validation are the same sessions as without it.
+    assert (split.public, split.test, split.validation) == (plain.public, plain.test, plain.validation)
+    truth = dict(zip((s.id for s in data.sessions), data.labels))
+    assert all(truth[x.session.id] == x.label for x in split.natural)
+
+
 def test_labels_never_reach_clients_or_public(data: Dataset) -> None:
     split = make_split(data, 2, **SMALL)
     for session in [s for c in split.clients for s in c] + list(split.public):
@@ -100,6 +114,7 @@ def test_dirichlet_partition_skews_kinds_and_keeps_clients_non_empty(data: Datas
         ({"test": (10, 1000)}, "test set needs 1000 anomalous"),
         ({"public": (1000, 900), "client_anomaly_rate": 0.5}, "needs .* anomalous sessions but only"),
         ({"public": (-1, 1)}, "non-negative"),
+        ({"natural": (3900, 10)}, "natural set needs 3900 normal"),
         ({"client_anomaly_rate": 1.0}, "client_anomaly_rate"),
         ({"partition": "random"}, "partition"),
         ({"dirichlet_alpha": 0.0}, "dirichlet_alpha"),

@@ -259,6 +259,29 @@ def test_predict_uses_threshold(artifact, toy):
     assert [p for _, p in out] == [float(p) for p in probs]
 
 
+def test_decision_threshold_is_part_of_the_artifact_and_detectors_apply_it(artifact, toy, tmp_path):
+    _, _, test, _ = toy
+    assert artifact.meta.threshold is None and artifact.threshold == 0.5  # older artifacts: the boundary
+    assert Detector(artifact).threshold == 0.5
+    probs = Detector(artifact).predict_proba(test)
+    cut = float(np.quantile(probs, 0.8))
+    shipped = artifact.with_threshold(cut, {"rule": "test"})
+    assert shipped.version != artifact.version and shipped.weights == artifact.weights
+    assert shipped.meta.stats["threshold"] == {"rule": "test"}
+    for loaded in (StudentArtifact.from_bytes(shipped.to_bytes()), StudentArtifact.load(shipped.save(tmp_path / "s"))):
+        assert loaded.version == shipped.version and loaded.threshold == cut
+        assert [flag for flag, _ in Detector(loaded).predict(test)] == [bool(p >= cut) for p in probs]
+    assert Detector(shipped, threshold=0.5).threshold == 0.5  # an explicit threshold still wins
+    # The threshold is digested: editing it in student.json is tampering.
+    meta = json.loads((tmp_path / "s" / "student.json").read_text())
+    meta["threshold"] = 0.01
+    (tmp_path / "s" / "student.json").write_text(json.dumps(meta))
+    with pytest.raises(StudentError, match="digest mismatch"):
+        StudentArtifact.load(tmp_path / "s")
+    # An artifact without a threshold keeps its exact description (no "threshold": null key).
+    assert "threshold" not in json.loads(artifact.meta_json())
+
+
 def test_detector_input_errors(detector):
     assert detector.predict_proba([]).shape == (0,)
     with pytest.raises(ValueError, match="not a string"):

@@ -30,6 +30,7 @@ def federation_split(data: DataConfig, seed: int, source: str | None = None) -> 
         public=data.public,
         test=data.test,
         validation=data.validation,
+        natural=data.natural,
         client_anomaly_rate=data.client_anomaly_rate,
         partition=data.partition,
         dirichlet_alpha=data.dirichlet_alpha,

@@ -31,6 +31,7 @@ def make_split(
     public: Counts = (1000, 1000),
     test: Counts = (1000, 1000),
     validation: Counts = (500, 500),
+    natural: Counts = (0, 0),
     client_anomaly_rate: float = 0.03,
     partition: Literal["iid", "dirichlet"] = "iid",
     dirichlet_alpha: float = 0.5,
@@ -39,7 +40,9 @@ def make_split(
 ) -> FederationSplit:
     """Split ``dataset`` into client shards, a public set, validation and test sets.
 
-    All parts are disjoint by session id. ``client_anomaly_rate`` is the share of anomalies in
+    All parts are disjoint by session id. ``natural`` is a second test set at the anomaly rate
+    users see (e.g. (4855, 145) for HDFS's 2.9%); drawn after validation, it changes no other
+    part when it is empty. ``client_anomaly_rate`` is the share of anomalies in
     the pooled client data; ``max_client_sessions`` caps that pool's size (small CPU runs).
     ``partition="iid"`` deals the shuffled pool out in equal shares; ``"dirichlet"`` groups
     sessions by kind (the set of distinct messages they contain, no labels involved) and gives
@@ -53,7 +56,7 @@ def make_split(
         )
     if n_clients < 1:
         raise ValueError(f"n_clients must be at least 1, got {n_clients}")
-    for name, counts in (("public", public), ("test", test), ("validation", validation)):
+    for name, counts in (("public", public), ("test", test), ("validation", validation), ("natural", natural)):
         _check_counts(name, counts)
     if not 0.0 <= client_anomaly_rate < 1.0:
         raise ValueError(f"client_anomaly_rate must be in [0, 1), got {client_anomaly_rate}")
@@ -94,6 +97,7 @@ def make_split(
     public_part = take("public", public)
     test_part = take("test", test)
     validation_part = take("validation", validation)
+    natural_part = take("natural", natural)
     client_pool = _client_pool(
         pools, client_anomaly_rate, max_client_sessions, n_clients, dataset.name
     )
@@ -108,6 +112,7 @@ def make_split(
         public_labels=tuple(item.label for item in public_part),
         validation=tuple(validation_part),
         test=tuple(test_part),
+        natural=tuple(natural_part),
     )
 
 

@@ -94,6 +94,8 @@ class FederationSplit:
     public_labels: tuple[int, ...]
     validation: tuple[LabeledSession, ...]
     test: tuple[LabeledSession, ...]
+    # The test as users meet it: the natural anomaly rate (HDFS 2.9%), drawn after the others.
+    natural: tuple[LabeledSession, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.public_labels) != len(self.public):

@@ -28,12 +28,17 @@ from feddale.harness.provenance import git_commit
 from feddale.method import adapters, federation, metrics, models, teacher
 from feddale.method.config import RunConfig
 from feddale.method.detector import Detector
+from feddale.method.artifact import StudentArtifact
+from feddale.method.threshold import THRESHOLD_RULES, decision_threshold, otsu_threshold
 from feddale.protocol import rounds
 from feddale.protocol.messages import PublicRef, Task
 
 log = logging.getLogger(__name__)
 
 HEADLINE = ("f1", "precision", "recall", "roc_auc")
+NATURAL_HEADLINE = ("f1", "precision", "recall", "pr_auc", "false_alarms_per_10k")
+# HDFS_v1's anomaly rate (16,838 of 575,061 blocks): validation F1 is re-weighted to it.
+NATURAL_RATE = 0.029
 
 
 class PhaseClock:
@@ -52,30 +57,6 @@ class PhaseClock:
             took = time.perf_counter() - start
             self.seconds[phase] = round(self.seconds.get(phase, 0.0) + took, 2)
             log.info("phase %s done in %.1f s", phase, took)
-
-
-def otsu_threshold(scores: np.ndarray, bins: int = 64) -> float:
-    """Label-free threshold: the cut that best separates the score histogram into two groups.
-
-    The FedAvg-teacher baseline needs a decision threshold, and labels may not pick it; the unlabeled
-    public set's score distribution is all the baseline is allowed to look at.
-    """
-    if scores.size == 0:
-        raise ValueError("otsu_threshold needs at least one score")
-    hist, edges = np.histogram(scores, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    weights = hist / hist.sum()
-    best, cut = -1.0, float(np.median(scores))
-    for i in range(1, bins):
-        w0, w1 = weights[:i].sum(), weights[i:].sum()
-        if w0 == 0 or w1 == 0:
-            continue
-        m0 = (weights[:i] * centers[:i]).sum() / w0
-        m1 = (weights[i:] * centers[i:]).sum() / w1
-        between = w0 * w1 * (m0 - m1) ** 2
-        if between > best:
-            best, cut = between, float(edges[i])
-    return cut
 
 
 def teacher_diagnostics(
@@ -288,6 +269,7 @@ def run_federation(
             ),
             "data_source": source,
             "clients": sizes,
+            "data_overlap": split_overlap(split),
             "public_digest": public_ref.digest,
             "fedavg_rounds": fedavg_rounds,
             "adapter_bytes": len(adapters.adapter_to_bytes(adapters.adapter_state(model.model),
@@ -321,11 +303,7 @@ def _distil(
     )
     diagnostics = teacher_diagnostics(distilled.aggregated, public_texts, split.public_labels, distilled.selection)
     log.info("pseudo-labels (%s): %s", variant.name, json.dumps(diagnostics))
-    detector = Detector(distilled.artifact)
-    evaluation = {}
-    for name, part in (("validation", split.validation), ("test", split.test)):
-        probs = detector.predict_proba([ls.session.messages for ls in part])
-        evaluation[name] = metrics.binary_report([ls.label for ls in part], probs, threshold=0.5)
+    evaluation = evaluate_student(distilled.artifact, split, public_texts)
     out: dict[str, Any] = {
         "pseudo_labels": {**diagnostics, "selection_digest": distilled.summary.digest},
         "student": evaluation,
@@ -335,6 +313,63 @@ def _distil(
     if save_to is not None:
         out["student_artifact"] = str(distilled.artifact.save(save_to))
     return out
+
+
+def split_overlap(split: FederationSplit) -> dict[str, dict[str, Any]]:
+    """Per evaluation part and class: how many sessions have an exact textual copy in the training data.
+
+    A copy in the public set is a text the student may have been trained on; a copy in a client
+    shard is one the teachers saw. HDFS is repetitive enough that most test sessions have one.
+    """
+    public = {s.text for s in split.public}
+    clients = {s.text for shard in split.clients for s in shard}
+    out: dict[str, dict[str, Any]] = {}
+    for name, part in (("validation", split.validation), ("test", split.test), ("natural", split.natural)):
+        for label, kind in ((0, "normal"), (1, "anomalous")):
+            texts = [ls.session.text for ls in part if ls.label == label]
+            if texts:
+                out.setdefault(name, {})[kind] = {
+                    "sessions": len(texts),
+                    "in_public": round(sum(t in public for t in texts) / len(texts), 4),
+                    "in_clients": round(sum(t in clients for t in texts) / len(texts), 4),
+                    "in_either": round(sum(t in public or t in clients for t in texts) / len(texts), 4),
+                }
+    return out
+
+
+def evaluate_student(artifact: StudentArtifact, split: FederationSplit, public_texts: list[str]) -> dict[str, Any]:
+    """The student as a detector sees it, at the threshold it ships with; labels only report here.
+
+    ``validation`` and ``test`` are balanced; ``natural`` is the test at the natural anomaly rate
+    and ``novel`` its sessions whose text occurs in no client shard and not in the public set
+    (the balanced test when there is no natural split). ``threshold_rules`` compares every
+    label-free rule on validation (recall, FPR, and F1 re-weighted to :data:`NATURAL_RATE`):
+    the evidence a profile's rule is chosen on. Each rule's natural-split figures are reported
+    beside it so a rule change needs no re-run; they never choose the rule.
+    """
+    detector = Detector(artifact)
+    parts = {"validation": split.validation, "test": split.test, "natural": split.natural}
+    seen = set(public_texts) | {s.text for shard in split.clients for s in shard}
+    parts["novel"] = tuple(ls for ls in (split.natural or split.test) if ls.session.text not in seen)
+    probs = {name: detector.predict_proba([ls.session.messages for ls in part]) for name, part in parts.items() if part}
+    evaluation: dict[str, Any] = {
+        name: {**metrics.binary_report([ls.label for ls in parts[name]], p, threshold=detector.threshold),
+               "anomalous": sum(ls.label for ls in parts[name])}
+        for name, p in probs.items()
+    }
+    if "validation" in probs:
+        public_probs = rounds.public_probabilities(artifact, public_texts)
+        rules = {}
+        for rule in THRESHOLD_RULES:
+            cut = decision_threshold(public_probs, rule)
+            reports = {name: metrics.binary_report([ls.label for ls in parts[name]], probs[name], cut)
+                       for name in ("validation", "natural") if name in probs}
+            fpr = reports["validation"]["fp"] / max(1, reports["validation"]["fp"] + reports["validation"]["tn"])
+            reports["validation"]["f1_at_natural_rate"] = round(
+                metrics.f1_at_rate(reports["validation"]["recall"], fpr, NATURAL_RATE), 4)
+            rules[rule] = {"threshold": cut, **reports}
+        evaluation["threshold_rules"] = rules
+    return evaluation
 
 
 def summarize_traffic(rows: list[dict[str, Any]], public_sessions: int) -> dict[str, Any]:
@@ -362,6 +397,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     picks = {
         **{f"student_test_{m}": ("student", "test", m) for m in HEADLINE},
         **{f"student_validation_{m}": ("student", "validation", m) for m in HEADLINE},
+        **{f"student_natural_{m}": ("student", "natural", m) for m in NATURAL_HEADLINE},
+        "student_test_false_alarms_per_10k": ("student", "test", "false_alarms_per_10k"),
+        "student_novel_false_alarms_per_10k": ("student", "novel", "false_alarms_per_10k"),
+        "student_novel_recall": ("student", "novel", "recall"),
+        "student_threshold": ("student", "test", "threshold"),
         "teacher_auc_sessions": ("pseudo_labels", "teacher_auc_sessions"),
         "teacher_auc_distinct": ("pseudo_labels", "teacher_auc_distinct"),
         "purity_anomalous": ("pseudo_labels", "purity_anomalous"),

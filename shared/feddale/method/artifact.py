@@ -61,14 +61,19 @@ class ArtifactMeta(BaseModel):
     labels: dict[str, str]
     lora: dict[str, Any]
     onnx: OnnxInfo | None = None
+    # P(anomalous) at or above which detectors flag a session, chosen without labels at training
+    # time (feddale.method.threshold); absent in artifacts from before it existed, which mean 0.5.
+    threshold: float | None = Field(None, gt=0.0, lt=1.0)
     version: str
     digest: str
     created: str
     stats: dict[str, Any]
 
     def spec(self) -> dict[str, Any]:
-        """The digested description; ``onnx`` only when present, so artifacts without one keep their digest."""
-        fields = {"format", "base", "max_len", "view", "labels", "lora"} | ({"onnx"} if self.onnx else set())
+        """The digested description; ``onnx`` and ``threshold`` only when present, so older artifacts
+        keep their digest. The threshold is digested: it decides what a detector flags."""
+        fields = {"format", "base", "max_len", "view", "labels", "lora"}
+        fields |= {name for name in ("onnx", "threshold") if getattr(self, name) is not None}
         return self.model_dump(include=fields)
 
 
@@ -121,10 +126,21 @@ class StudentArtifact:
     def digest(self) -> str:
         return self.meta.digest
 
+    @property
+    def threshold(self) -> float:
+        """The decision threshold detectors apply: the artifact's own, else the student's 0.5 boundary."""
+        return 0.5 if self.meta.threshold is None else self.meta.threshold
+
+    def with_threshold(self, threshold: float, evidence: dict[str, Any]) -> StudentArtifact:
+        """The same student with its decision threshold (a new version), ``evidence`` saying how it was chosen."""
+        spec = {**self.meta.spec(), "threshold": float(threshold)}
+        return seal(spec, self.weights, self.onnx, self.meta.created, {**self.meta.stats, "threshold": evidence})
+
     def meta_json(self) -> str:
         meta = self.meta.model_dump()
-        if meta["onnx"] is None:  # artifacts without a bundle keep their exact pre-ONNX bytes
-            del meta["onnx"]
+        for optional in ("onnx", "threshold"):  # older artifacts keep their exact bytes
+            if meta[optional] is None:
+                del meta[optional]
         return json.dumps(meta, indent=2, sort_keys=True)
 
     def save(self, directory: str | Path) -> Path:

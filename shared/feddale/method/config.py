@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from feddale.method.preprocess import View
 
+ThresholdRule = Literal["fixed", "otsu"]
+
 PROFILES = ("tiny", "cpu", "bench", "paper")
 
 # The paper's plain recipe, applied on top of any profile so the two can be compared on the same
@@ -106,6 +108,9 @@ class StudentConfig(BaseModel):
     # Export the ONNX bundle the torch-free detector serves (needs the `onnx` extra); off only for
     # harness runs that never serve the student and would pay the export's seconds per student.
     onnx: bool = True
+    # How the decision threshold shipped in the artifact is chosen from the student's scores on
+    # the unlabeled public set (feddale.method.threshold; the rule was picked on validation).
+    threshold: ThresholdRule = "fixed"
 
     @model_validator(mode="after")
     def _micro_fits(self) -> StudentConfig:
@@ -124,6 +129,7 @@ class DataConfig(BaseModel):
     public: tuple[int, int] = (1000, 1000)
     test: tuple[int, int] = (1000, 1000)
     validation: tuple[int, int] = (500, 500)
+    natural: tuple[int, int] = (0, 0)  # (normal, anomalous) of the natural-rate test set; none by default
     client_anomaly_rate: float = Field(0.03, ge=0.0, lt=1.0)
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0.0)

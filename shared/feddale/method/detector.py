@@ -97,8 +97,8 @@ def plan_batches(lengths: Sequence[int], max_windows: int, max_tokens: int) -> l
 class Detector:
     """Scores sessions with one student artifact; the model is built once per detector.
 
-    ``threshold`` is a probability (default 0.5, the student's own decision boundary), never
-    tuned on labels. ``batch_size`` caps how many windows go through the model at once and
+    ``threshold`` is a probability; by default the artifact's own, chosen without labels when
+    the student was trained (:mod:`feddale.method.threshold`; 0.5 for artifacts without one). ``batch_size`` caps how many windows go through the model at once and
     ``max_batch_tokens`` how many (padded) tokens (default :data:`DEFAULT_BATCH_TOKENS`):
     together they bound activation memory. On torch, 8 windows kept a 32-session request at
     591 MB resident against 691 MB with 32 (MiniLM student, 2 CPU cores). ``overlap`` is the number of tokens consecutive windows
@@ -110,7 +110,7 @@ class Detector:
         self,
         artifact: StudentArtifact,
         *,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         batch_size: int = 8,
         max_batch_tokens: int | None = None,
         cache_size: int = 10_000,
@@ -120,6 +120,7 @@ class Detector:
         device: str | None = None,
         cache_dir: Path | None = None,
     ) -> None:
+        threshold = artifact.threshold if threshold is None else threshold
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
         if batch_size < 1:

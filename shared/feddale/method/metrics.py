@@ -8,7 +8,14 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 
 def _labels(y_true: Sequence[int]) -> np.ndarray:
@@ -23,8 +30,10 @@ def _labels(y_true: Sequence[int]) -> np.ndarray:
 def binary_report(y_true: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, Any]:
     """Detection quality with anomalous (1) as the positive class; predict 1 when score >= threshold.
 
-    ``scores`` are P(anomalous)-like (higher = more anomalous). ``roc_auc`` is threshold-free
-    and ``None`` when y_true holds one class only (it is undefined there, and NaN is not JSON).
+    ``scores`` are P(anomalous)-like (higher = more anomalous). ``roc_auc`` and ``pr_auc``
+    (average precision) are threshold-free and ``None`` when y_true holds one class only (they
+    are undefined there, and NaN is not JSON). ``false_alarms_per_10k`` is the false-positive
+    rate per 10,000 normal sessions: what an on-call rotation feels, whatever the anomaly rate.
     """
     y = _labels(y_true)
     s = np.asarray(scores, dtype=np.float64)
@@ -42,6 +51,8 @@ def binary_report(y_true: Sequence[int], scores: Sequence[float], threshold: flo
         "precision": float(precision_score(y, pred, zero_division=0)),
         "recall": float(recall_score(y, pred, zero_division=0)),
         "roc_auc": float(roc_auc_score(y, s)) if both_classes else None,
+        "pr_auc": float(average_precision_score(y, s)) if both_classes else None,
+        "false_alarms_per_10k": round(1e4 * fp / (fp + tn), 2) if fp + tn else None,
         "tp": tp,
         "fp": fp,
         "tn": tn,
@@ -66,3 +77,17 @@ def purity(selected_idx: Sequence[int], labels: Sequence[int], positive: int) ->
     if positive not in (0, 1):
         raise ValueError(f"positive must be 0 or 1, got {positive!r}")
     return float(np.mean(y[idx] == positive))
+
+
+def f1_at_rate(recall: float, false_positive_rate: float, anomaly_rate: float) -> float:
+    """F1 a detector with this recall and false-positive rate reaches on a stream with ``anomaly_rate``.
+
+    Recall and FPR do not depend on the class mix, precision does; this re-weights a balanced
+    split's counts to the rate users see (used on the balanced validation split).
+    """
+    if not 0.0 < anomaly_rate < 1.0:
+        raise ValueError(f"anomaly_rate must be in (0, 1), got {anomaly_rate}")
+    tp = recall * anomaly_rate
+    fp = false_positive_rate * (1.0 - anomaly_rate)
+    fn = (1.0 - recall) * anomaly_rate
+    return 0.0 if tp == 0 else float(2 * tp / (2 * tp + fp + fn))

@@ -259,32 +259,6 @@ class StudentInputs(BaseModel):
     payloads: dict[str, str]
 
 
-class ScoreHistogram(BaseModel):
-    """The aggregated public-set scores a student's pseudo-labels were cut from (no labels involved).
-
-    ``counts[i]`` public sessions scored in ``[edges[i], edges[i+1])`` (the last bin closed).
-    Sessions scored at or above ``normal_cutoff`` became pseudo-normal, at or below
-    ``anomalous_cutoff`` pseudo-anomalous; a cut-off is None when that side is empty or, with
-    ``filter=none``, when each client cut its own scores (the histogram is then of their mean).
-    Operators read the gap between the cut-offs as how clearly the federation agreed.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    edges: list[float] = Field(min_length=2, max_length=101)
-    counts: list[int] = Field(min_length=1, max_length=100)
-    normal_cutoff: float | None = None
-    anomalous_cutoff: float | None = None
-
-    @model_validator(mode="after")
-    def _bins(self) -> ScoreHistogram:
-        if len(self.edges) != len(self.counts) + 1:
-            raise ValueError("a histogram needs one edge more than it has counts")
-        if any(c < 0 for c in self.counts) or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
-            raise ValueError("counts must be non-negative and edges increasing")
-        return self
-
-
 def config_digest(config: dict[str, Any]) -> str:
     """sha256 of a resolved run config as canonical JSON: equal digests, equal configs."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -364,6 +338,32 @@ class ScheduleView(BaseModel):
     recent: list[ScheduleEvent]
 
 
+class ScoreHistogram(BaseModel):
+    """The aggregated public-set scores a student's pseudo-labels were cut from (no labels involved).
+
+    ``counts[i]`` public sessions scored in ``[edges[i], edges[i+1])`` (the last bin closed).
+    Sessions scored at or above ``normal_cutoff`` became pseudo-normal, at or below
+    ``anomalous_cutoff`` pseudo-anomalous; a cut-off is None when that side is empty or, with
+    ``filter=none``, when each client cut its own scores (the histogram is then of their mean).
+    Operators read the gap between the cut-offs as how clearly the federation agreed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    edges: list[float] = Field(min_length=2, max_length=101)
+    counts: list[int] = Field(min_length=1, max_length=100)
+    normal_cutoff: float | None = None
+    anomalous_cutoff: float | None = None
+
+    @model_validator(mode="after")
+    def _bins(self) -> ScoreHistogram:
+        if len(self.edges) != len(self.counts) + 1:
+            raise ValueError("a histogram needs one edge more than it has counts")
+        if any(c < 0 for c in self.counts) or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+            raise ValueError("counts must be non-negative and edges increasing")
+        return self
+
+
 class StudentInfo(BaseModel):
     """A published student, as listed by the coordinator and pulled by detectors and clients."""
 
@@ -377,6 +377,8 @@ class StudentInfo(BaseModel):
     pseudo_labels: PseudoLabelSummary | None = None
     provenance: Provenance | None = None
     score_histogram: ScoreHistogram | None = None
+    # The decision threshold its detectors apply, read from the artifact (chosen without labels).
+    threshold: float | None = None
 
 
 class DetectorStats(BaseModel):

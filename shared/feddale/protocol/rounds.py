@@ -20,7 +20,10 @@ import numpy as np
 from feddale.data.deployment import public_digest
 from feddale.data.types import Session
 from feddale.method import adapters, federation, models, payload, teacher
-from feddale.method.config import RunConfig
+from feddale.method.config import RunConfig, ThresholdRule
+from feddale.method.detector import Detector
+from feddale.method.preprocess import SEPARATOR
+from feddale.method.threshold import decision_threshold
 from feddale.method.student import StudentArtifact, train_student
 from feddale.protocol.messages import PseudoLabelSummary, ScoreHistogram, Task
 
@@ -269,4 +272,28 @@ def distil(
         selection.texts, selection.labels, cfg.student.model_copy(update={"seed": cfg.seeds[0]}),
         weights=selection.weights, progress=progress,
     )
-    return Distilled(aggregated=aggregated, selection=selection, artifact=artifact)
+    return Distilled(aggregated=aggregated, selection=selection,
+                     artifact=with_decision_threshold(artifact, public_texts, cfg.student.threshold))
+
+
+def with_decision_threshold(artifact: StudentArtifact, public_texts: Sequence[str], rule: ThresholdRule) -> StudentArtifact:
+    """The student with the threshold its detectors apply, from its own scores on the unlabeled public set.
+
+    The ``fixed`` rule needs no scores (0.5); the others score every distinct public text once.
+    """
+    probs = None if rule == "fixed" else public_probabilities(artifact, public_texts)
+    cut = decision_threshold(probs if probs is not None else np.empty(0), rule)
+    evidence: dict[str, Any] = {"rule": rule}
+    if probs is not None:
+        evidence |= {"public_sessions": len(public_texts), "public_flagged_share": round(float((probs >= cut).mean()), 6)}
+    return artifact.with_threshold(cut, evidence)
+
+
+def public_probabilities(artifact: StudentArtifact, public_texts: Sequence[str]) -> np.ndarray:
+    """P(anomalous) of each public text, as the artifact's detectors would compute it.
+
+    A public text is already masked and joined: split back into its messages, the detector's
+    masking leaves each unchanged and its join gives the same text (masking the joined text as
+    one line would not: ``<*> ;-; <*>`` collapses).
+    """
+    return Detector(artifact, threshold=0.5).predict_proba([text.split(SEPARATOR) for text in public_texts])

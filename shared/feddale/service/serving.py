@@ -78,6 +78,9 @@ class ModelInfo(BaseModel):
     version: str
     base_model: str
     runtime: str = Field(description="what answers: onnx-fp32, onnx-int8 or torch")
+    threshold: float = Field(description="P(anomalous) at or above which a session is flagged; the student's own, "
+                                         "chosen without labels when it was trained")
+    threshold_rule: str | None = Field(description="how the federation chose it (fixed, otsu); null for older students")
     published_at: float | None
     loaded_at: float
 
@@ -124,7 +127,10 @@ def load_student(blob: bytes, published_at: float | None = None, options: Servin
     artifact = StudentArtifact.from_bytes(blob)
     detector = Detector(artifact, runtime=options.runtime, precision=options.precision, cache_dir=options.cache_dir,
                         batch_size=options.batch_size, max_batch_tokens=options.max_batch_tokens)
+    evidence = artifact.meta.stats.get("threshold")
     info = ModelInfo(version=artifact.version, base_model=artifact.meta.base, runtime=detector.runtime,
+                     threshold=detector.threshold,
+                     threshold_rule=evidence.get("rule") if isinstance(evidence, dict) else None,
                      published_at=published_at, loaded_at=time.time())
     return LoadedModel(version=artifact.version, detector=detector, info=info)
 

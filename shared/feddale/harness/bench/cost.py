@@ -5,7 +5,7 @@ A detector's cost is per-session latency, sessions per second and resident memor
 with what it replaces: scoring every session with the causal-LM teacher
 (:func:`feddale.method.teacher.score_texts`) and flagging sessions whose top-k accuracy falls below an
 Otsu cut of the teacher's scores on an unlabeled public sample
-(:func:`feddale.harness.simulate.otsu_threshold`). Both detectors are timed end to end on raw log
+(:func:`feddale.method.threshold.otsu_threshold`). Both detectors are timed end to end on raw log
 lines: masking, joining and tokenizing are part of what a request costs.
 
 Every row runs in its own fresh interpreter (``python -m feddale.harness.bench.cost --worker JOB``), so
@@ -621,7 +621,7 @@ def teacher_row(job: dict[str, Any]) -> dict[str, Any]:
     requested is scored (``cache_hits`` is 0 by construction, ``cache_misses`` counts them).
     """
     from feddale.method import models, teacher
-    from feddale.harness.simulate import otsu_threshold
+    from feddale.method.threshold import otsu_threshold
 
     cfg = teacher.ScoreConfig.model_validate(job["score_cfg"])
     started = time.perf_counter()
