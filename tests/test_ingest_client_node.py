@@ -27,7 +27,7 @@ def coordinator(sent: list[httpx.Request]) -> httpx.MockTransport:
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(request)
         if request.url.path == "/v1/clients/register":
-            return httpx.Response(201, json={"client_id": "c1", "token": "t", "role": "client", "shard": 0,
+            return httpx.Response(201, json={"client_id": "c1", "name": "node", "token": "t", "role": "client", "shard": 0,
                                              "num_shards": 2, "data": {}, "seed": 0})
         return httpx.Response(200, json={})
 
