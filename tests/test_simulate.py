@@ -20,8 +20,18 @@ def test_simulate_tiny_writes_a_complete_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     run = results["runs"][0]
     assert run["clients"] == [120, 120]
-    assert set(run["student"]) == {"validation", "test"}
-    assert run["student"]["test"]["n"] == 40
+    student = run["student"]
+    assert set(student) == {"validation", "test", "novel", "threshold_rules"}  # no natural split asked for
+    assert student["test"]["n"] == 40
+    # Novel: the test sessions whose text is in no client shard and not in the public set.
+    overlap = run["data_overlap"]["test"]
+    seen = sum(round(overlap[kind]["in_either"] * overlap[kind]["sessions"]) for kind in ("normal", "anomalous"))
+    assert student["novel"]["n"] == 40 - seen
+    # Every report is at the threshold the student ships with; both rules are compared on validation.
+    artifact = json.loads((out / "student-seed0" / "student.json").read_text())
+    assert student["test"]["threshold"] == artifact.get("threshold", 0.5) == student["threshold_rules"]["fixed"]["threshold"]
+    assert set(student["threshold_rules"]) == {"fixed", "otsu"}
+    assert "f1_at_natural_rate" in student["threshold_rules"]["otsu"]["validation"]
     assert 0.0 <= run["pseudo_labels"]["purity_anomalous"] <= 1.0
     comm = run["communication"]
     # at most one byte per public session plus a fixed header (the 1.1 B/session target is for 2,000)

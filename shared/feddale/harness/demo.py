@@ -51,9 +51,14 @@ def _progress(admin: httpx.Client, run_id: str, timeout_s: float, every_s: float
     raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s (last status {view.get('status')})")
 
 
-def _evaluate(detector_url: str, test: list[Any]) -> dict[str, Any]:
-    """Send the test split to /v1/detect in batches; F1 etc. from its answers, plus latency."""
+def _evaluate(detector_url: str, test: list[Any], threshold: float) -> dict[str, Any]:
+    """Send a test split to /v1/detect in batches; F1 etc. from its answers, plus latency.
+
+    ``threshold`` is the one the detector reports (``GET /v1/model``): the report is computed
+    at it, and ``flagged`` counts the detector's own ``anomaly`` verdicts, which must agree.
+    """
     scores: list[float] = []
+    flagged = 0
     latencies: list[float] = []
     versions: set[str] = set()
     with httpx.Client(base_url=detector_url, timeout=300) as http:
@@ -66,7 +71,9 @@ def _evaluate(detector_url: str, test: list[Any]) -> dict[str, Any]:
             answer = response.json()
             versions.add(answer["model_version"])
             scores.extend(r["score"] for r in answer["results"])
-    report = metrics.binary_report([ls.label for ls in test], scores, threshold=0.5)
+            flagged += sum(r["anomaly"] for r in answer["results"])
+    report = metrics.binary_report([ls.label for ls in test], scores, threshold=threshold)
+    report["flagged"] = flagged
     report["model_versions"] = sorted(versions)
     report["latency_ms_p50"] = 1000 * statistics.median(latencies)
     report["latency_ms_p95"] = 1000 * float(np.percentile(latencies, 95))
@@ -119,28 +126,43 @@ def demo(clients: int = 4, config: str = "cpu", data: str | None = None) -> int:
         if not poll_until(serving, 300, 1.0):
             print("the detector did not load the published student in 300 s")
             return 1
-        test = list(federation_split(cfg.data, cfg.seeds[0], source).test)
-        print(f"evaluating on {len(test)} held-out test sessions through POST /v1/detect ...")
-        report = _evaluate(fed.detector_url, test)
+        threshold = httpx.get(f"{fed.detector_url}/v1/model", timeout=5).json()["threshold"]
+        split = federation_split(cfg.data, cfg.seeds[0], source)
+        print(f"evaluating on {len(split.test)} held-out test sessions through POST /v1/detect "
+              f"(threshold {threshold:.4g}, the student's own) ...")
+        report = _evaluate(fed.detector_url, list(split.test), threshold)
+        natural = None
+        if split.natural:
+            print(f"... and on {len(split.natural)} sessions at the natural anomaly rate")
+            natural = _evaluate(fed.detector_url, list(split.natural), threshold)
     adapter = _adapter_bytes(cfg)
     run_seconds = time.monotonic() - wall
-    _print_table(view, report, adapter, run_seconds)
+    _print_table(view, report, natural, adapter, run_seconds)
     (out / "demo-results.json").write_text(json.dumps(
-        {"run": view, "evaluation": report, "fedavg_adapter_bytes": adapter, "seconds": run_seconds}, indent=2
+        {"run": view, "evaluation": report, "natural": natural, "fedavg_adapter_bytes": adapter,
+         "seconds": run_seconds}, indent=2
     ))
     print(f"results: {out / 'demo-results.json'}")
     return 0
 
 
-def _print_table(view: dict[str, Any], report: dict[str, Any], adapter: int, seconds: float) -> None:
+def _print_table(view: dict[str, Any], report: dict[str, Any], natural: dict[str, Any] | None, adapter: int,
+                 seconds: float) -> None:
     rows = [
         ("student version", view["student_version"]),
+        ("decision threshold", f"{report['threshold']:.4g} (chosen without labels)"),
         ("test sessions", f"{report['n']} ({report['tp'] + report['fn']} anomalous)"),
         ("F1", f"{report['f1']:.3f}"),
         ("precision", f"{report['precision']:.3f}"),
         ("recall", f"{report['recall']:.3f}"),
         ("ROC-AUC", "n/a" if report["roc_auc"] is None else f"{report['roc_auc']:.3f}"),
     ]
+    if natural is not None:
+        rows += [
+            ("natural-rate sessions", f"{natural['n']} ({natural['tp'] + natural['fn']} anomalous)"),
+            ("natural-rate F1 (P / R)", f"{natural['f1']:.3f} ({natural['precision']:.3f} / {natural['recall']:.3f})"),
+            ("false alarms per 10k normal", f"{natural['false_alarms_per_10k']:.0f}"),
+        ]
     for client_id, c in sorted(view["clients"].items()):
         rows.append((f"{c['name']} bytes up / down", f"{c['bytes_up']:,} / {c['bytes_down']:,}"))
     rows += [

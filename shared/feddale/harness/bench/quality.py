@@ -27,6 +27,7 @@ from feddale.harness.simulate import Variant, run_federation
 log = logging.getLogger(__name__)
 
 METRICS = ("f1", "precision", "recall", "roc_auc")
+NATURAL_METRICS = ("f1", "precision", "recall", "pr_auc", "false_alarms_per_10k")
 
 
 def ablation_plan(cfg: RunConfig) -> dict[int, list[Variant]]:
@@ -119,6 +120,9 @@ def tables(runs: list[dict[str, Any]]) -> dict[str, Any]:
             baselines = [s["fedavg_teacher_after_distill_round"] for s in snaps if s["fedavg_teacher_after_distill_round"]]
             if baselines:
                 row[f"fedavg_teacher_{m}"] = _spread([b[m] for b in baselines])
+        naturals = [s["student"]["natural"] for s in snaps if "natural" in s["student"]]
+        for m in NATURAL_METRICS if naturals else ():
+            row[f"student_natural_{m}"] = _spread([n[m] for n in naturals if n[m] is not None])
         row["purity_anomalous"] = _spread([s["pseudo_labels"]["purity_anomalous"] for s in snaps])
         row["purity_normal"] = _spread([s["pseudo_labels"]["purity_normal"] for s in snaps])
         quality[rounds] = row
