@@ -114,7 +114,7 @@ def publish(coordinator: TestClient, r: redis.Redis, node: dict, blob: bytes, ag
     uploaded = coordinator.put(f"/v1/runs/{run_id}/rounds/1/scores", content=payload,
                                headers=auth_headers(node["token"]))
     assert uploaded.status_code == 200, uploaded.text
-    wait_run(coordinator, run_id, ("student_training",), timeout=30)
+    wait_run(coordinator, run_id, ("student_training",), timeout=120)  # generous: a busy shared machine
     token = fetch_job(f"student-{run_id}", r).kwargs["job_token"]
     query: dict[str, object] = {"normal": 4, "anomalous": 4, "digest": "ab" * 32, "commit": "0123abcd" * 5,
                                 "trainer_version": "0.1.0"}
