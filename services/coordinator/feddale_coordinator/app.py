@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from feddale.method.config import load_config
 from feddale.data.deployment import federation_split
+from feddale.ingest.batch import public_sessions
 from feddale.protocol.messages import (
     CLIENT_NAME, SAFE_ID, ClientView, Enrollment, EnrollRequest, RegisterRequest, Registration, Revocation,
     RunCreated, RunRequest, RunView, StudentInfo, StudentInputs, TaskResponse, UploadAccepted,
@@ -64,9 +65,20 @@ ClientName = Annotated[str, Path(min_length=1, max_length=128, pattern=CLIENT_NA
 
 
 def _public_set(settings: Settings, artifacts: ArtifactStore) -> tuple[Any, PublicSet]:
+    """The public part of the data split, or the raw logs FEDDALE_PUBLIC_LOGS names (then no split
+    is loaded here). Raw input the settings could not check unread (an empty file, no line in the
+    format, no session) stops start-up with one line, like a bad variable."""
     cfg = load_config(settings.config)
-    split = federation_split(cfg.data, cfg.seeds[0], settings.data)
-    public = PublicSet.build(split.public)
+    if settings.public_logs and settings.public_source:
+        try:
+            sessions, read = public_sessions(settings.public_logs, settings.public_source,
+                                             sum(cfg.data.public), cfg.seeds[0])
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"cannot build the public set from FEDDALE_PUBLIC_LOGS: {error}") from None
+        log.info("public set from raw logs: %s", read)
+    else:
+        sessions = federation_split(cfg.data, cfg.seeds[0], settings.data).public
+    public = PublicSet.build(sessions)
     artifacts.write(("public", f"{public.digest}.json"), public.blob)
     log.info("public set %s: %d sessions", public.digest[:12], len(public.sessions))
     return cfg, public

@@ -40,13 +40,9 @@ def _parsed(files: list[str], parser: LineParser) -> Iterator[ParsedLine]:
 
 def _check_counts(parser: LineParser, files: list[str]) -> None:
     """Say what was read on stderr; an input with no line, or with no line in the format, is an error."""
-    if parser.lines == 0:
-        raise ValueError(f"no log lines in {', '.join(files)} (empty input)")
-    if parser.counts["parsed"] == 0:
-        raise ValueError(
-            f"no line of {', '.join(files)} matches the format {parser.source.format!r} "
-            f"({parser.summary()}); wrong --preset or --format?"
-        )
+    from feddale.ingest.batch import check_parsed
+
+    check_parsed(parser, files, "wrong --preset or --format?")
     print(f"feddale logs: {parser.summary()}", file=sys.stderr)
 
 
@@ -98,20 +94,13 @@ def _parse(args: argparse.Namespace) -> int:
 
 def _sessions(args: argparse.Namespace) -> int:
     from feddale.data.hdfs import read_block_labels, write_sessions_jsonl
-    from feddale.ingest.sessions import SessionBuilder
+    from feddale.ingest.batch import read_sessions
 
-    source = _source(args)
     labels = read_block_labels(args.labels) if args.labels else None
-    builder = SessionBuilder(source, labels)
-    parser = LineParser(source)
-    for line in _parsed(args.files, parser):
-        builder.add(line)
-    _check_counts(parser, args.files)
-    dataset = builder.dataset()
-    if not dataset.sessions:
-        raise ValueError(f"no sessions in {', '.join(args.files)}: {builder.summary()}")
-    write_sessions_jsonl(dataset, args.out)
-    print(f"feddale logs: {builder.summary()} -> {args.out}", file=sys.stderr)
+    batch = read_sessions(args.files, _source(args), labels)
+    print(f"feddale logs: {batch.lines}", file=sys.stderr)
+    write_sessions_jsonl(batch.dataset, args.out)
+    print(f"feddale logs: {batch.grouping} -> {args.out}", file=sys.stderr)
     return 0
 
 
