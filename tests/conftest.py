@@ -65,3 +65,19 @@ def coordinator(tmp_path: Path, redis_client: redis.Redis) -> Iterator[TestClien
     with TestClient(app) as client:
         yield client
 
+
+@pytest.fixture
+def cli(fed, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run `feddale ARGS...` in process against the test module's ``fed`` federation (a
+    :class:`feddale.ops.launcher.LocalFederation`); returns (exit code, stdout, stderr)."""
+    from feddale.ops.cli import main
+
+    monkeypatch.setenv("FEDDALE_URL", fed.coordinator_url)
+    monkeypatch.setenv("FEDDALE_ADMIN_TOKEN", fed.admin_token)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -16,7 +16,6 @@ import httpx
 import pytest
 from service_helpers import fast_config
 
-from feddale.ops.cli import main
 from feddale.ops.launcher import LocalFederation
 from feddale.service.http import poll_until
 
@@ -35,20 +34,6 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
            "FEDDALE_PROMOTION_MARGIN": "1.0"}
     with LocalFederation(2, config=str(fast_config(work)), log_dir=work, extra_env=env) as federation:
         yield federation
-
-
-@pytest.fixture
-def cli(fed: LocalFederation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """Run `feddale ARGS...` in process against the federation; returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("FEDDALE_URL", fed.coordinator_url)
-    monkeypatch.setenv("FEDDALE_ADMIN_TOKEN", fed.admin_token)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def serving(fed: LocalFederation) -> str | None:

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 from service_helpers import fast_config
 
-from feddale.ops.cli import main
 from feddale.ops.launcher import LocalFederation
 
 pytestmark = pytest.mark.e2e
@@ -20,20 +19,6 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     with LocalFederation(2, config=str(fast_config(work)), log_dir=work,
                          extra_env={"FEDDALE_TICK_S": "0.2", "FEDDALE_STUDENT_POLL_S": "1"}) as federation:
         yield federation
-
-
-@pytest.fixture
-def cli(fed: LocalFederation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """Run `feddale ARGS...` in process against the federation; returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("FEDDALE_URL", fed.coordinator_url)
-    monkeypatch.setenv("FEDDALE_ADMIN_TOKEN", fed.admin_token)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def test_start_wait_list_show_and_clients(cli) -> None:

@@ -115,11 +115,17 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_operator_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `runs` and `clients` on the main parser."""
+def url_option() -> argparse.ArgumentParser:
+    """The ``--url`` option every operator command shares (a parent parser)."""
     url = argparse.ArgumentParser(add_help=False)
     url.add_argument("--url", help="the coordinator (default $FEDDALE_URL, else http://127.0.0.1:8000); "
                                    "the admin token comes from $FEDDALE_ADMIN_TOKEN")
+    return url
+
+
+def add_operator_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `runs` and `clients` on the main parser."""
+    url = url_option()
 
     runs = sub.add_parser("runs", help="start, watch, list, show and cancel federated runs")
     commands = runs.add_subparsers(dest="runs_command", required=True)

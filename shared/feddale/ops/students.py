@@ -14,6 +14,7 @@ import json
 import time
 
 from feddale.ops.client import ClientError, Coordinator
+from feddale.ops.operate import url_option
 from feddale.protocol.messages import PromotionDecision, StudentsView
 
 
@@ -78,9 +79,7 @@ def _schedule(args: argparse.Namespace) -> int:
 
 def add_student_commands(sub: argparse._SubParsersAction) -> None:
     """Register `students` and `schedule` on the main parser."""
-    url = argparse.ArgumentParser(add_help=False)
-    url.add_argument("--url", help="the coordinator (default $FEDDALE_URL, else http://127.0.0.1:8000); "
-                                   "the admin token comes from $FEDDALE_ADMIN_TOKEN")
+    url = url_option()
 
     students = sub.add_parser(
         "students", help="published students: which one detectors serve, promote, pin, unpin, roll back",
