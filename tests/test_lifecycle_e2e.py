@@ -90,6 +90,12 @@ def test_promote_and_rollback_reach_the_detector_within_one_poll(cli, fed: Local
     assert f'feddale_detector_model_info{{runtime="onnx-fp32",version="{second}"}} 1.0' in metrics
     assert 'feddale_detector_verdicts_total{source="api"' in metrics
 
+    code, out, err = cli("students", "pin", first)  # pin = promote and hold every newer student back
+    assert code == 0 and out.startswith(f"serving {first} (pinned"), err
+    follows(fed, first)
+    code, out, err = cli("students", "unpin")
+    assert code == 0 and out.strip() == f"serving {first}", err  # served as before, no longer pinned
+
     code, _, err = cli("students", "promote", "no-such-student")
     assert code == 2 and "404" in err and err.count("\n") == 1 and "Traceback" not in err
     code, _, err = cli("students", "show", "no-such-student")
