@@ -15,6 +15,14 @@ def test_otsu_threshold_splits_two_groups():
         otsu_threshold(np.array([0.1, np.nan]))
 
 
+def test_otsu_cuts_in_the_middle_of_an_empty_gap_so_tiny_score_changes_do_not_move_it():
+    low, high = np.full(90, 0.0), np.full(10, 10.0)
+    cut = otsu_threshold(np.concatenate([low, high]))
+    assert cut == pytest.approx(5.0, abs=10 / 64)  # the middle of the gap, not its first edge
+    nudged = otsu_threshold(np.concatenate([low + 1e-9, high - 1e-9]))
+    assert nudged == pytest.approx(cut, abs=1e-6)
+
+
 def test_fixed_rule_is_the_students_own_boundary_whatever_the_scores():
     assert decision_threshold(np.array([0.001, 0.002, 0.99]), "fixed") == 0.5
 

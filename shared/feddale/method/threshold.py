@@ -22,8 +22,12 @@ _EPS = 1e-6
 def otsu_threshold(scores: np.ndarray, bins: int = 64) -> float:
     """The cut that best separates the score histogram into two groups (Otsu's method).
 
-    Maximises the between-group variance of the histogram; returns a bin edge. Used for the
-    FedAvg-teacher baseline's accuracy scores and, in logit space, for the student's P(anomalous).
+    Maximises the between-group variance of the histogram. Every cut inside an empty stretch of
+    the histogram separates the same groups, so the maximum is then a run of equal values whose
+    first edge would move with the last bits of the scores (another runtime, another thread
+    count); the cut is the middle of that run instead, an edge when the run is one edge long.
+    Used for the FedAvg-teacher baseline's accuracy scores and, in logit space, for the
+    student's P(anomalous).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
@@ -33,17 +37,21 @@ def otsu_threshold(scores: np.ndarray, bins: int = 64) -> float:
     hist, edges = np.histogram(scores, bins=bins)
     centers = (edges[:-1] + edges[1:]) / 2
     weights = hist / hist.sum()
-    best, cut = -1.0, float(np.median(scores))
+    between = np.full(bins, -1.0)
     for i in range(1, bins):
         w0, w1 = weights[:i].sum(), weights[i:].sum()
         if w0 == 0 or w1 == 0:
             continue
         m0 = (weights[:i] * centers[:i]).sum() / w0
         m1 = (weights[i:] * centers[i:]).sum() / w1
-        between = w0 * w1 * (m0 - m1) ** 2
-        if between > best:
-            best, cut = between, float(edges[i])
-    return cut
+        between[i] = w0 * w1 * (m0 - m1) ** 2
+    best = int(np.argmax(between))
+    if between[best] < 0:  # one non-empty bin: nothing to separate
+        return float(np.median(scores))
+    last = best
+    while last + 1 < bins and np.isclose(between[last + 1], between[best], rtol=1e-9, atol=0.0):
+        last += 1
+    return float((edges[best] + edges[last]) / 2)
 
 
 def decision_threshold(public_probs: np.ndarray, rule: ThresholdRule) -> float:
