@@ -182,6 +182,45 @@ def test_int8_scores_close_to_fp32(file_artifact, sessions, tmp_path):
     np.testing.assert_array_equal(again.predict_proba(sessions), int8.predict_proba(sessions))
 
 
+# ----------------------------------------------------------------------------- fusion
+
+
+def graph_ops(graph) -> dict[str, int]:
+    return {op: sum(n.op_type == op for n in graph.node) for op in {n.op_type for n in graph.node}}
+
+
+def test_exported_bert_student_runs_fused_kernels(file_artifact, tmp_path):
+    """Attention and GELU become ONNX Runtime kernels; the last layer only runs for [CLS]."""
+    import onnx
+
+    from feddale.method.onnx_runtime import prepared_model_file
+
+    layers = 2
+    exported = graph_ops(onnx.load_from_string(read_bundle(file_artifact.onnx).graph).graph)
+    assert exported["Attention"] == layers - 1 and exported["MultiHeadAttention"] == 1
+    assert exported["Gelu"] == layers and "Softmax" not in exported and "Erf" not in exported
+    int8 = graph_ops(onnx.load(prepared_model_file(file_artifact, "int8", tmp_path)).graph)
+    assert int8["QAttention"] == layers - 1 and "Attention" not in int8
+
+
+def test_fusion_that_changes_the_logits_is_not_exported(file_artifact, monkeypatch):
+    """The fused graph is kept only if it computes what the exported one does."""
+    import onnx
+    from onnx import numpy_helper
+
+    from feddale.method import onnx_export, onnx_fusion
+
+    def wrong_fuse(model):
+        counts = onnx_fusion.fuse(model)
+        head = next(i for i in model.graph.initializer if i.name.startswith("classifier") and len(i.dims) == 1)
+        head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) + 1.0, head.name))
+        return counts
+
+    monkeypatch.setattr(onnx_export, "fuse", wrong_fuse)
+    ops = graph_ops(onnx.load_from_string(read_bundle(onnx_export.export_bundle(file_artifact)).graph).graph)
+    assert "Attention" not in ops and "Softmax" in ops  # the graph as exported
+
+
 # ----------------------------------------------------------------------------- batching
 
 

@@ -4,9 +4,10 @@ Runs where the student is trained (:func:`feddale.method.student.train_student` 
 :func:`with_onnx` last), because the detector image has no torch to export with. The model is
 rebuilt *from the artifact* (fp16-rounded LoRA and head, exactly what the torch detector serves),
 LoRA is merged, attention is switched to its eager form (it traces to the plain
-MatMul/Softmax pattern ONNX Runtime fuses; the SDPA form adds NaN guards and masks and measured
-slower here at 256 tokens), and the graph is exported with torch's dynamo exporter (onnxscript),
-dynamic in batch and length.
+MatMul/Softmax pattern; the SDPA form adds NaN guards and masks and measured slower here at 256
+tokens), the graph is exported with torch's dynamo exporter (onnxscript), dynamic in batch and
+length, and its attention and GELU are fused into ONNX Runtime kernels
+(:mod:`feddale.method.onnx_fusion`) where that gives the same logits.
 The exporter's optimizer renames and pre-transposes weights, so weights are matched back to
 the model's parameters by value, then to the base model's file (see
 :mod:`feddale.method.onnx_bundle`).
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from feddale.method.artifact import StudentArtifact, StudentError, seal
+from feddale.method.onnx_fusion import fuse
 from feddale.method.onnx_bundle import (
     EXTERNAL_LOCATION,
     BundleHeader,
@@ -39,6 +41,13 @@ INPUTS = ["input_ids", "attention_mask"]
 # the graph: for SmolLM2-135M that is ~540 MB, far past the coordinator's upload limit and the
 # point of a small artifact. Such students keep no bundle and are served by the torch runtime.
 MAX_BUNDLE_BYTES = 32 * 1024 * 1024
+# The fused graph must reproduce the exported one's logits to float rounding (measured ~1e-6).
+FUSION_TOLERANCE = 1e-4
+PROBE_LINES = (
+    "Receiving block <*> src: <*> dest: <*>",
+    "PacketResponder <*> for block <*> terminating",
+    "Got exception while serving <*> to <*>",
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +68,11 @@ def export_bundle(artifact: StudentArtifact) -> bytes:
     """Trace the merged student and package graph, tokenizer and weight sources as a bundle."""
     try:
         import onnx
+        import onnxruntime  # noqa: F401 - checks the fused graph, checked for a clear message
         import onnxscript  # noqa: F401 - the dynamo exporter's dependency, checked for a clear message
     except ImportError:
-        raise StudentError("exporting the student to ONNX needs onnx and onnxscript: pip install 'feddale[onnx]'") from None
+        raise StudentError("exporting the student to ONNX needs onnx, onnxscript and onnxruntime: "
+                           "pip install 'feddale[onnx]'") from None
     from peft.tuners.lora import LoraLayer
 
     from feddale.method.student import TextEncoder, build_model
@@ -80,6 +91,7 @@ def export_bundle(artifact: StudentArtifact) -> bytes:
     merged.config.use_cache = False  # Llama-family students would return a KV cache torch.export cannot trace
     proto = _export(merged, encoder, int(tokenizer.pad_token_id), artifact.meta.max_len)
     onnx.checker.check_model(proto)  # before weights become external references the checker cannot follow
+    proto = _fused_if_equal(proto, _probe(encoder, int(tokenizer.pad_token_id)))
     params = {name: t.detach().cpu().numpy() for name, t in merged.state_dict().items()}
     sources = _externalize(proto, params, lora, base_weights_file(artifact.meta.base))
     header = BundleHeader(
@@ -106,6 +118,47 @@ def _export(model: Any, encoder: Any, pad_id: int, max_len: int) -> Any:
             opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
         )
     return program.model_proto
+
+
+def _probe(encoder: Any, pad_id: int) -> dict[str, np.ndarray]:
+    """Model inputs the fused graph is checked on: log text, rows of different lengths, padding."""
+    content = encoder.ids(" ;-; ".join(PROBE_LINES))[: encoder.content_len]
+    rows = [encoder.wrap(content[:n]) for n in (len(content), len(content) // 2, 1)]
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    return dict(zip(INPUTS, (ids, mask)))
+
+
+def _fused_if_equal(proto: Any, probe: dict[str, np.ndarray]) -> Any:
+    """The graph with :func:`feddale.method.onnx_fusion.fuse` applied, if it gives the same logits.
+
+    Why the check: the rewrites match node patterns, not semantics; a student whose attention
+    mask is not padding-only (a causal one) or a pattern that only looks alike would otherwise
+    be served wrong scores. Any difference beyond float rounding keeps the graph as exported.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    fused = onnx.ModelProto()
+    fused.CopyFrom(proto)
+    counts = fuse(fused)
+    if not any(counts.values()):
+        return proto
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+
+    def logits(model: Any) -> np.ndarray:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run([OUTPUT], probe)[0]
+
+    if np.allclose(logits(fused), logits(proto), atol=FUSION_TOLERANCE, rtol=FUSION_TOLERANCE):
+        log.debug("student graph fused: %s", counts)
+        return fused
+    log.warning("fused student graph (%s) changed the logits; exported unfused", counts)
+    return proto
 
 
 def _fingerprint(value: np.ndarray) -> tuple[str, tuple[int, ...], str]:
