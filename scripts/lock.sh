@@ -52,9 +52,10 @@ header() {  # lock-name purpose...
 }
 
 {
-    header torch.txt "torch, CPU build: the hash is that of ${TORCH_WHEEL##*/}" \
-        "(the file the PyTorch CPU index serves for CPython 3.11 on x86-64 Linux, the only platform" \
-        "of the images and the venv). Its dependencies are pinned in the other locks."
+    header torch.txt "torch, CPU build: the sha256 of ${TORCH_WHEEL##*/}, the wheel for" \
+        "CPython 3.11 on x86-64 Linux (the only platform of the venv and the images) as pip found it" \
+        "(its configured find-links or TORCH_INDEX_URL). An index serving another file under this" \
+        "name fails the hash check. torch's dependencies are pinned in the other locks."
     printf 'torch==%s+cpu \\\n    --hash=sha256:%s\n' "$TORCH_VERSION" "$TORCH_SHA"
 } > "$TMP/torch.txt"
 

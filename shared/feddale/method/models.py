@@ -374,7 +374,7 @@ def _bnb_config():
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizationError(
             "quantization='4bit' needs bitsandbytes; install it with "
-            "`pip install -c constraints.txt bitsandbytes` (or `pip install feddale[cuda]`)"
+            "`pip install feddale[cuda]` (pinned with hashes in locks/images-cuda.txt)"
         )
     from transformers import BitsAndBytesConfig
 
