@@ -1,0 +1,53 @@
+"""Regression guard: a small fixed recipe on real weights and real HDFS keeps its natural-rate F1.
+
+The `cpu` profile takes half an hour a seed; this is the same method (SmolLM2-135M teachers,
+MiniLM student, mean top-3 accuracy, distinct selection, the label-free threshold) at a size
+that runs in a few minutes on 2 cores, evaluated on a test split at HDFS's 2.9% anomaly rate.
+The floor sits below what the recipe measured (docs/quality.md §9: natural-rate F1 0.879) by a
+margin for changes that legitimately move it, so a change that breaks scoring, selection, the
+student or the threshold fails here first. It runs on both cores (the suite pins torch to one
+thread elsewhere): 13 minutes on one busy thread, about a third of that on two idle cores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from feddale.harness.simulate import run_seed
+from feddale.method.config import load_config
+
+pytestmark = pytest.mark.real
+
+HDFS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hdfs"
+FLOOR_NATURAL_F1 = 0.80
+
+GUARD = {
+    "data.n_clients": 2, "data.public": [150, 150], "data.test": [0, 0], "data.validation": [100, 100],
+    "data.natural": [1942, 58], "data.max_client_sessions": 600,
+    "teacher.steps": 12, "teacher.batch_size": 8, "teacher.max_len": 192,
+    "score.max_len": 512, "score.overlap": 64,
+    "k_normal": 60, "k_anomalous": 60, "student.steps": 40, "student.onnx": False,
+    "student.threshold": "otsu",
+}
+
+
+def test_natural_rate_f1_of_a_small_real_recipe_stays_above_its_floor(tmp_path):
+    if not (HDFS / "sessions.csv").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"the quality guard needs the real HDFS sessions at {HDFS}")
+        pytest.skip(f"real HDFS sessions not found at {HDFS}")
+    cfg = load_config("cpu", {**GUARD, "data.source": f"hdfs-csv:{HDFS}"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        row = run_seed(cfg, 0, tmp_path, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    natural = row["student"]["natural"]
+    print("quality guard, natural split:", {m: natural[m] for m in ("f1", "precision", "recall", "false_alarms_per_10k")})
+    assert natural["n"] == 2000 and natural["tp"] + natural["fn"] == 58
+    assert natural["f1"] >= FLOOR_NATURAL_F1, natural
