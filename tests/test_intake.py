@@ -41,7 +41,8 @@ class FakeDetector:
 
 
 def loaded(detector: Any, version: str = "v1") -> LoadedModel:
-    info = ModelInfo(version=version, base_model="fake", runtime="fake", published_at=None, loaded_at=time.time())
+    info = ModelInfo(version=version, base_model="fake", runtime="fake", threshold=detector.threshold,
+                     threshold_rule=None, published_at=None, loaded_at=time.time())
     return LoadedModel(version, detector, info)
 
 
