@@ -98,8 +98,8 @@ def stub_coordinator(blob: bytes) -> Any:
     def register() -> dict[str, Any]:
         return {"client_id": "d-loadtest0000", "token": "d-loadtest0000.stub", "role": "detector"}
 
-    @app.get("/v1/students/latest")
-    def latest() -> dict[str, Any]:
+    @app.get("/v1/students/current")  # what detectors follow: the promoted student
+    def current() -> dict[str, Any]:
         return info
 
     @app.get("/v1/students/{version}")

