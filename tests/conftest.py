@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,9 @@ from feddale.service.http import poll_until
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on 127.0.0.1 with append-only persistence in a temp dir."""
+@contextmanager
+def running_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on 127.0.0.1 with append-only persistence in a temp dir; yields its URL."""
     port = free_port()
     data = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
@@ -43,9 +44,34 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return False
 
     assert poll_until(up, 20.0), "redis-server did not start"
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The module's Redis. A coordinator *process* a module keeps running needs a Redis of its own
+    (``process_redis``): its control loop would otherwise close the in-process tests' runs."""
+    with running_redis(tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def process_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_redis(tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture
+def process_redis_client(process_redis: str) -> Iterator[redis.Redis]:
+    """A client of ``process_redis``, emptied before and after the test."""
+    client = redis.Redis.from_url(process_redis)
+    client.flushall()
+    yield client
+    client.flushall()
 
 
 @pytest.fixture

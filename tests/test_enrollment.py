@@ -68,12 +68,12 @@ def status(url: str, path: str = "/healthz") -> int:
 
 
 @pytest.fixture(scope="module")
-def coordinator_url(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[str]:
+def coordinator_url(tmp_path_factory: pytest.TempPathFactory, process_redis: str) -> Iterator[str]:
     """A coordinator process with the bootstrap secret configured (the zero-config path stays on)."""
     work = tmp_path_factory.mktemp("enrollment")
     port = free_port()
     process = start("feddale_coordinator", {
-        "FEDDALE_REDIS_URL": redis_server, "FEDDALE_ADMIN_TOKEN": ADMIN, "FEDDALE_BOOTSTRAP_SECRET": BOOTSTRAP,
+        "FEDDALE_REDIS_URL": process_redis, "FEDDALE_ADMIN_TOKEN": ADMIN, "FEDDALE_BOOTSTRAP_SECRET": BOOTSTRAP,
         "FEDDALE_PORT": str(port), "FEDDALE_HOST": "127.0.0.1", "FEDDALE_ARTIFACT_DIR": str(work / "artifacts"),
         "FEDDALE_CONFIG": str(fast_config(work)), "FEDDALE_TICK_S": "0.2",
     }, work / "coordinator.log")
@@ -86,8 +86,8 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory, redis_server: str)
 
 
 @pytest.fixture
-def fresh(coordinator_url: str, redis_client: redis.Redis) -> str:
-    """The coordinator process over an emptied Redis (the ``redis_client`` fixture flushes it)."""
+def fresh(coordinator_url: str, process_redis_client: redis.Redis) -> str:
+    """The coordinator process over its emptied Redis (``process_redis_client`` flushes it)."""
     return coordinator_url
 
 
@@ -128,7 +128,8 @@ def one_line(err: str) -> bool:
 
 
 @pytest.mark.e2e
-def test_sybil_registrations_and_name_takeover_are_refused(fresh: str, cli: Cli, redis_client: redis.Redis) -> None:
+def test_sybil_registrations_and_name_takeover_are_refused(fresh: str, cli: Cli,
+                                                          process_redis_client: redis.Redis) -> None:
     url = fresh
     first = post_register(url, BOOTSTRAP, name="node-a")
     assert first.status_code == 201
@@ -166,7 +167,7 @@ def test_sybil_registrations_and_name_takeover_are_refused(fresh: str, cli: Cli,
     assert clients["edge-1"]["joined_by"] == "enrollment" and clients["node-a"]["joined_by"] == "bootstrap"
     assert clients["node-a"]["client_id"] == node_a["client_id"]
     # enrollment tokens are stored as hashes only
-    dump = b"".join(redis_client.dump(key) or b"" for key in redis_client.keys("feddale:*"))
+    dump = b"".join(process_redis_client.dump(key) or b"" for key in process_redis_client.keys("feddale:*"))
     assert token.encode() not in dump
 
 
