@@ -68,7 +68,12 @@ def process_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def process_redis_client(process_redis: str) -> Iterator[redis.Redis]:
     """A client of ``process_redis``, emptied before and after the test."""
-    client = redis.Redis.from_url(process_redis)
+    yield from emptied(process_redis)
+
+
+def emptied(url: str) -> Iterator[redis.Redis]:
+    """A client of the Redis at ``url``, flushed before the test and again after it."""
+    client = redis.Redis.from_url(url)
     client.flushall()
     yield client
     client.flushall()
@@ -76,10 +81,7 @@ def process_redis_client(process_redis: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def redis_client(redis_server: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server)
-    client.flushall()
-    yield client
-    client.flushall()
+    yield from emptied(redis_server)
 
 
 @pytest.fixture
