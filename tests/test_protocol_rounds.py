@@ -9,6 +9,7 @@ import torch
 from feddale.data.deployment import federation_split, public_digest
 from feddale.method import adapters
 from feddale.method.config import load_config
+from feddale.method.detector import Detector
 from feddale.method.payload import PayloadError
 from feddale.method.threshold import decision_threshold
 from feddale.protocol import rounds
@@ -96,7 +97,7 @@ def test_the_otsu_threshold_comes_from_the_students_public_scores_alone(split) -
     fixed = rounds.distil(CFG, public_texts, matrix)
     otsu_cfg = CFG.model_copy(update={"student": CFG.student.model_copy(update={"threshold": "otsu"})})
     distilled = rounds.distil(otsu_cfg, public_texts, matrix)
-    probs = rounds.public_probabilities(distilled.artifact, public_texts)
+    probs = rounds.public_probabilities(Detector(distilled.artifact), public_texts)
     assert distilled.artifact.threshold == decision_threshold(probs, "otsu")
     evidence = distilled.artifact.meta.stats["threshold"]
     assert evidence["rule"] == "otsu" and evidence["public_sessions"] == len(public_texts)

@@ -358,7 +358,7 @@ def evaluate_student(artifact: StudentArtifact, split: FederationSplit, public_t
         for name, p in probs.items()
     }
     if "validation" in probs:
-        public_probs = rounds.public_probabilities(artifact, public_texts)
+        public_probs = rounds.public_probabilities(detector, public_texts)
         rules = {}
         for rule in THRESHOLD_RULES:
             cut = decision_threshold(public_probs, rule)

@@ -281,7 +281,7 @@ def with_decision_threshold(artifact: StudentArtifact, public_texts: Sequence[st
 
     The ``fixed`` rule needs no scores (0.5); the others score every distinct public text once.
     """
-    probs = None if rule == "fixed" else public_probabilities(artifact, public_texts)
+    probs = None if rule == "fixed" else public_probabilities(Detector(artifact), public_texts)
     cut = decision_threshold(probs if probs is not None else np.empty(0), rule)
     evidence: dict[str, Any] = {"rule": rule}
     if probs is not None:
@@ -289,11 +289,11 @@ def with_decision_threshold(artifact: StudentArtifact, public_texts: Sequence[st
     return artifact.with_threshold(cut, evidence)
 
 
-def public_probabilities(artifact: StudentArtifact, public_texts: Sequence[str]) -> np.ndarray:
-    """P(anomalous) of each public text, as the artifact's detectors would compute it.
+def public_probabilities(detector: Detector, public_texts: Sequence[str]) -> np.ndarray:
+    """P(anomalous) of each public text, as ``detector`` computes it (its threshold plays no part).
 
     A public text is already masked and joined: split back into its messages, the detector's
     masking leaves each unchanged and its join gives the same text (masking the joined text as
     one line would not: ``<*> ;-; <*>`` collapses).
     """
-    return Detector(artifact, threshold=0.5).predict_proba([text.split(SEPARATOR) for text in public_texts])
+    return detector.predict_proba([text.split(SEPARATOR) for text in public_texts])
