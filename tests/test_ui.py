@@ -2,7 +2,8 @@
 
 The browser test starts the tiny stack as processes (`LocalFederation`), runs a one-shot
 federation, opens `/ui` in headless Debian `chromium` through `chromium-driver` (selenium), logs in
-with the admin token, waits for the run to read `published`, saves docs/img/dashboard.png, then
+with the admin token, waits for the run to read `published`, saves a screenshot (into docs/img/dashboard.png only
+with FEDDALE_UPDATE_SCREENSHOT=1, so a test run leaves the checkout as it was), then
 kills a client node and watches it turn not-alive once the liveness TTL passes. Outside CI a
 machine without chromium skips it; with CI=true a missing browser fails it (`.ci/run` installs one).
 """
@@ -27,7 +28,7 @@ from feddale.ops.launcher import LocalFederation
 from feddale.service.http import poll_until
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "img" / "dashboard.png"
+DOCS_SCREENSHOT = ROOT / "docs" / "img" / "dashboard.png"
 TTL_S = 3.0
 NORMAL = ["Receiving block blk_<*> src: /<*> dest: /<*>", "PacketResponder <*> for block blk_<*> terminating"]
 ANOMALOUS = ["Got exception while serving blk_<*> to /<*>:", "writeBlock blk_<*> received exception"]
@@ -146,7 +147,9 @@ def detect_some(url: str) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_the_dashboard_follows_a_federation_to_published_in_a_real_browser(fed: LocalFederation, driver) -> None:
+def test_the_dashboard_follows_a_federation_to_published_in_a_real_browser(
+    fed: LocalFederation, driver, tmp_path: Path
+) -> None:
     driver.get(f"{fed.coordinator_url}/ui")
     driver.find_element("id", "token").send_keys(fed.admin_token)
     driver.find_element("id", "login-button").click()
@@ -176,8 +179,8 @@ def test_the_dashboard_follows_a_federation_to_published_in_a_real_browser(fed: 
     assert driver.find_elements("css selector", "#histogram canvas"), "no score histogram"
     assert poll_until(lambda: len(driver.find_elements("css selector", "#chart-latency canvas")) == 1, 30, 0.5)
     time.sleep(2.5)  # one more poll, so the charts hold every detect request
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SCREENSHOT))
+    screenshot = DOCS_SCREENSHOT if os.environ.get("FEDDALE_UPDATE_SCREENSHOT") == "1" else tmp_path / "dashboard.png"
+    assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
 
     # A killed node stops beating: alive on the page until the TTL passes, then not.
     fed.kill("client-2")
