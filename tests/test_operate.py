@@ -24,6 +24,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
 def test_start_wait_list_show_and_clients(cli) -> None:
     code, out, _ = cli("clients", "list")
     assert code == 0 and out.count("client ") == 2 and "detector" in out
+    # the client nodes have polled for tasks by now; every line says when its node was last seen
+    assert out.count("last seen ") + out.count("never seen") == 3 and out.count("last seen ") >= 2, out
 
     code, out, err = cli("runs", "start", "--mode", "one_shot", "--min-clients", "2", "--wait")
     assert code == 0, err

@@ -88,11 +88,15 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _clients(args: argparse.Namespace) -> int:
+    """One line per node; "last seen" is how long ago its last heartbeat or request reached the coordinator."""
     with _coordinator(args) as coordinator:
+        now = time.time()
         for client in coordinator.clients():
             alive = "alive" if client.get("alive") else "silent"
+            seen = client.get("last_seen")
+            ago = f"last seen {now - seen:.0f} s ago" if seen else "never seen"
             print(f"{client['client_id']}  {client['role']:<8} {client['name']:<24} shard {client.get('shard')}  {alive}  "
-                  f"joined by {client.get('joined_by', 'bootstrap')}")
+                  f"{ago}  joined by {client.get('joined_by', 'bootstrap')}")
     return 0
 
 
