@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -113,7 +112,7 @@ def stub_coordinator(blob: bytes) -> Any:
 def serve_thread(app: Any) -> Iterator[str]:
     import uvicorn
 
-    from feddale.ops.launcher import free_port
+    from feddale.ops.launcher import Service, free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
@@ -132,7 +131,7 @@ def serve_thread(app: Any) -> Iterator[str]:
 
 @contextmanager
 def detector_process(coordinator_url: str, log_path: Path, threads: int | None) -> Iterator[tuple[str, int]]:
-    from feddale.ops.launcher import free_port
+    from feddale.ops.launcher import Service, free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDALE_")}
@@ -141,18 +140,13 @@ def detector_process(coordinator_url: str, log_path: Path, threads: int | None) 
                 "FEDDALE_NODE_NAME": "detector-load", "FEDDALE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "feddale_detector"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    detector = Service("detector", [sys.executable, "-m", "feddale_detector"], env, log_path)
+    detector.start()
+    assert detector.process is not None
     try:
-        yield f"http://127.0.0.1:{port}", process.pid
+        yield f"http://127.0.0.1:{port}", detector.process.pid
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        detector.stop()
 
 
 def wait_serving(url: str, timeout: float, pid: int | None) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from service_helpers import ADMIN, BOOTSTRAP, admin_headers, coordinator_setting
 
 from feddale.method.payload import VERSION, PayloadHeader, encode_scores
 from feddale.ops.cli import main
-from feddale.ops.launcher import free_port
+from feddale.ops.launcher import Service, free_port
 from feddale.service.auth import auth_headers
 from feddale.service.http import CoordinatorSession, RegistrationRefused, poll_until
 from feddale.service.settings import load_settings
@@ -44,20 +43,13 @@ Cli = Callable[..., tuple[int, str, str]]
 # --------------------------------------------------------------------------- real processes
 
 
-def start(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start(module: str, env: dict[str, str], log: Path) -> Service:
+    """``module`` as the launcher runs it (its own process group, stopped with a grace period), without this
+    shell's FEDDALE_ settings."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FEDDALE_")}
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", module], env={**base, "PYTHONUNBUFFERED": "1", **env},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    service = Service(module, [sys.executable, "-m", module], {**base, "PYTHONUNBUFFERED": "1", **env}, log)
+    service.start()
+    return service
 
 
 def status(url: str, path: str = "/healthz") -> int:
@@ -82,7 +74,7 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory, process_redis: str
         assert poll_until(lambda: status(url) == 200, 120, 0.2), f"the coordinator did not start; see {work}"
         yield url
     finally:
-        stop(process)
+        process.stop()
 
 
 @pytest.fixture
@@ -234,7 +226,7 @@ def test_an_enrolled_client_node_joins_rejoins_after_a_restart_and_is_revoked(
         assert kept["client_id"] == first["client_id"] and kept["name"] == "edge-7"
 
         # restarted with the same (now spent) enrollment token: it rejoins with the credential it kept
-        stop(node)
+        node.stop()
         node = start("feddale_client_node", env, log)
         assert poll_until(lambda: status(node_url, "/readyz") == 200, 180, 0.5), log.read_text()[-3000:]
         assert joined()["client_id"] == first["client_id"] and len(registry(url)) == 1
@@ -248,7 +240,7 @@ def test_an_enrolled_client_node_joins_rejoins_after_a_restart_and_is_revoked(
         assert joined() is None and not credential.exists()
         assert "holds no credential the coordinator accepts" in log.read_text()
     finally:
-        stop(node)
+        node.stop()
     assert "Traceback" not in log.read_text()
 
     code, _, err = cli("clients", "revoke", "edge-7")
