@@ -19,7 +19,10 @@ The scaled-adapter attack is measured on the adapters of the same pass: client 4
 adapter x10 and declares 1e9 samples; the global adapter is built with plain sample-weighted
 ``federation.fedavg`` (no defence) and with ``rounds.aggregate_adapters`` (bounded weights and
 norm clipping), and compared with the honest-only average. A student after that round would
-need a second teacher pass per client and is not measured here.
+need a second teacher pass per client and is not measured here; what is measured is the global
+adapter as a detector itself: its teacher's ROC-AUC and PR-AUC on the validation split (the
+anomalous score is one minus the teacher's top-k accuracy, as in every payload), one scoring
+pass per global adapter.
 
 Labels are read only to report. The teacher pass is cached under ``--cache`` (keyed by the
 config) so a crash in the student stage does not repeat it.
@@ -48,7 +51,7 @@ from feddale.data.types import FederationSplit
 from feddale.files import atomic_write
 from feddale.harness.provenance import git_commit, machine
 from feddale.harness.simulate import PhaseClock, evaluate_student, teacher_diagnostics
-from feddale.method import adapters, federation, payload
+from feddale.method import adapters, federation, metrics, payload, teacher
 from feddale.method.config import RunConfig, load_config
 from feddale.protocol import rounds
 from feddale.protocol.messages import PublicRef, Task
@@ -288,7 +291,33 @@ def scaled_adapter(uploads: Sequence[rounds.ClientUpload], initial: Mapping[str,
         wire = [adapters.adapter_from_bytes(blob)[0] for blob, _ in blobs]
         undefended = federation.fedavg(wire, [n for _, n in blobs])
         out[name] = {"hostile_itself": rel(boosted), "no_defence": rel(undefended), "defence": rel(defended)}
+        out[name]["globals"] = {"no_defence": undefended, "defence": defended}
+    out["honest_only"] = {"globals": {"honest_only": honest_avg}}
     return out
+
+
+def global_teacher_quality(cfg: RunConfig, split: FederationSplit, adapter: dict[str, Any], clock: PhaseClock) -> None:
+    """Replace each global adapter in ``adapter`` by its teacher's threshold-free quality on validation.
+
+    One teacher is loaded once; each global adapter is copied into it and scores the validation
+    split (labels only report). The anomalous score is ``1 - accuracy``.
+    """
+    labels = [ls.label for ls in split.validation]
+    texts = [ls.session.text for ls in split.validation]
+    with clock("load_teacher"):
+        model = rounds.load_teacher(cfg)
+    for row in adapter.values():
+        if not isinstance(row, dict) or "globals" not in row:
+            continue
+        quality = {}
+        for name, state in row.pop("globals").items():
+            adapters.load_adapter_state(model.model, state)
+            with clock("global_teacher_scoring"):
+                accuracy = teacher.score_texts(model.model, model.tokenizer, texts, cfg.score, progress=False)
+            report = metrics.binary_report(labels, 1.0 - np.asarray(accuracy), threshold=0.5)
+            quality[name] = {"validation_roc_auc": round(report["roc_auc"], 4), "validation_pr_auc": round(report["pr_auc"], 4)}
+            log.info("global adapter %s: %s", name, quality[name])
+        row["teacher_on_validation"] = quality
 
 
 # --------------------------------------------------------------------------- report
@@ -312,18 +341,23 @@ def table(cases: Sequence[dict[str, Any]], adapter: Mapping[str, Any]) -> str:
         lines.append(f"| {c['attack']} | {c['defence']}{dropped} | {', '.join(c['flagged']) or 'none'} "
                      f"| {p['purity_normal']:.3f} / {p['purity_anomalous']:.3f} | {p['teacher_auc_sessions']:.3f} "
                      f"| {test} | {natural} | {alarms} |")
+    def auc(row: Mapping[str, Any], name: str) -> str:
+        q = row["teacher_on_validation"][name]
+        return f"teacher ROC-AUC {q['validation_roc_auc']:.3f}, PR-AUC {q['validation_pr_auc']:.3f}"
+
     lines += ["", "| client 4 uploads (declares 1e9 samples) | global vs honest-only average: no defence "
               "| with bounded weights + clipping |", "|---|---|---|"]
     for name in ("whole_adapter_x10", "update_x10"):
         row = adapter[name]
         lines.append(f"| {name} (itself: {row['hostile_itself']['rel_to_honest_norm']:.3f}) "
                      f"| {row['no_defence']['rel_to_honest_norm']:.3f} of its norm, "
-                     f"{row['no_defence']['rel_to_honest_update']:.2f} of its update "
+                     f"{row['no_defence']['rel_to_honest_update']:.2f} of its update; {auc(row, 'no_defence')} "
                      f"| {row['defence']['rel_to_honest_norm']:.3f} of its norm, "
-                     f"{row['defence']['rel_to_honest_update']:.2f} of its update |")
+                     f"{row['defence']['rel_to_honest_update']:.2f} of its update; {auc(row, 'defence')} |")
     ref = adapter["all_five_honest"]
     lines.append(f"| honest client 4 (all five honest) | {ref['rel_to_honest_norm']:.3f} of its norm, "
                  f"{ref['rel_to_honest_update']:.2f} of its update | – |")
+    lines.append(f"| (the honest clients' own average) | {auc(adapter['honest_only'], 'honest_only')} | – |")
     return "\n".join(lines)
 
 
@@ -359,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = payload_cases(cfg, split, public_ref, run_id, honest)
     with clock("adapters"):
         adapter = scaled_adapter(uploads, initial_adapter(args.cache, cfg, public_ref))
+    global_teacher_quality(cfg, split, adapter, clock)
     result: dict[str, Any] = {
         "command": " ".join(["python", "scripts/poisoning.py", *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": git_commit(), "machine": machine(), "config": cfg.model_dump(mode="json"),
