@@ -112,7 +112,7 @@ def stub_coordinator(blob: bytes) -> Any:
 def serve_thread(app: Any) -> Iterator[str]:
     import uvicorn
 
-    from feddale.ops.launcher import Service, free_port
+    from feddale.ops.launcher import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))

@@ -255,14 +255,16 @@ def _flat(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tenso
 
 
 def scaled_adapter(uploads: Sequence[rounds.ClientUpload], initial: Mapping[str, torch.Tensor],
-                   factor: float = 10.0, declared: int = 10**9) -> dict[str, Any]:
+                   factor: float = 10.0, declared: int = 10**9,
+                   ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, torch.Tensor]]]]:
     """One FedAvg round with the hostile client boosting its adapter, with and without the defence.
 
     Two boosts: the whole uploaded adapter x ``factor`` (what the issue names), and only its
     update from the seeded start x ``factor`` (a LoRA ``A`` starts random and equal for all, so
     scaling the whole adapter also scales that shared start). Distances are relative to the
     honest-only average (clients 0-3, sample-weighted): to its norm, and to how far it moved
-    from the start (the learning signal an attacker competes with).
+    from the start (the learning signal an attacker competes with). Also returns each global
+    adapter (and the honest-only average), keyed by row, for :func:`global_teacher_quality`.
     """
     states = [adapters.adapter_from_bytes(u.adapter)[0] for u in uploads if u.adapter is not None]
     samples = [u.samples for u in uploads]
@@ -283,6 +285,7 @@ def scaled_adapter(uploads: Sequence[rounds.ClientUpload], initial: Mapping[str,
     }
     out: dict[str, Any] = {"factor": factor, "declared_samples": declared, "honest_samples": samples[:-1],
                            "all_five_honest": rel(all_honest)}
+    globals_: dict[str, dict[str, dict[str, torch.Tensor]]] = {"honest_only": {"honest_only": honest_avg}}
     for name, boosted in boosts.items():
         blobs = [(adapters.adapter_to_bytes(s, {}), n) for s, n in zip(states[:-1], samples[:-1])]
         blobs.append((adapters.adapter_to_bytes(boosted, {}), declared))
@@ -291,13 +294,15 @@ def scaled_adapter(uploads: Sequence[rounds.ClientUpload], initial: Mapping[str,
         wire = [adapters.adapter_from_bytes(blob)[0] for blob, _ in blobs]
         undefended = federation.fedavg(wire, [n for _, n in blobs])
         out[name] = {"hostile_itself": rel(boosted), "no_defence": rel(undefended), "defence": rel(defended)}
-        out[name]["globals"] = {"no_defence": undefended, "defence": defended}
-    out["honest_only"] = {"globals": {"honest_only": honest_avg}}
-    return out
+        globals_[name] = {"no_defence": undefended, "defence": defended}
+    return out, globals_
 
 
-def global_teacher_quality(cfg: RunConfig, split: FederationSplit, adapter: dict[str, Any], clock: PhaseClock) -> None:
-    """Replace each global adapter in ``adapter`` by its teacher's threshold-free quality on validation.
+def global_teacher_quality(
+    cfg: RunConfig, split: FederationSplit, globals_: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    clock: PhaseClock,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Each global adapter's teacher quality on validation, threshold-free, keyed as ``globals_``.
 
     One teacher is loaded once; each global adapter is copied into it and scores the validation
     split (labels only report). The anomalous score is ``1 - accuracy``.
@@ -306,18 +311,17 @@ def global_teacher_quality(cfg: RunConfig, split: FederationSplit, adapter: dict
     texts = [ls.session.text for ls in split.validation]
     with clock("load_teacher"):
         model = rounds.load_teacher(cfg)
-    for row in adapter.values():
-        if not isinstance(row, dict) or "globals" not in row:
-            continue
-        quality = {}
-        for name, state in row.pop("globals").items():
+    quality: dict[str, dict[str, dict[str, float]]] = {}
+    for row, states in globals_.items():
+        for name, state in states.items():
             adapters.load_adapter_state(model.model, state)
             with clock("global_teacher_scoring"):
                 accuracy = teacher.score_texts(model.model, model.tokenizer, texts, cfg.score, progress=False)
             report = metrics.binary_report(labels, 1.0 - np.asarray(accuracy), threshold=0.5)
-            quality[name] = {"validation_roc_auc": round(report["roc_auc"], 4), "validation_pr_auc": round(report["pr_auc"], 4)}
-            log.info("global adapter %s: %s", name, quality[name])
-        row["teacher_on_validation"] = quality
+            quality.setdefault(row, {})[name] = {"validation_roc_auc": round(report["roc_auc"], 4),
+                                                 "validation_pr_auc": round(report["pr_auc"], 4)}
+            log.info("global adapter %s/%s: %s", row, name, quality[row][name])
+    return quality
 
 
 # --------------------------------------------------------------------------- report
@@ -392,8 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with clock("selection"):
         cases = payload_cases(cfg, split, public_ref, run_id, honest)
     with clock("adapters"):
-        adapter = scaled_adapter(uploads, initial_adapter(args.cache, cfg, public_ref))
-    global_teacher_quality(cfg, split, adapter, clock)
+        adapter, globals_ = scaled_adapter(uploads, initial_adapter(args.cache, cfg, public_ref))
+    for row, quality in global_teacher_quality(cfg, split, globals_, clock).items():
+        adapter.setdefault(row, {})["teacher_on_validation"] = quality
     result: dict[str, Any] = {
         "command": " ".join(["python", "scripts/poisoning.py", *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": git_commit(), "machine": machine(), "config": cfg.model_dump(mode="json"),
