@@ -63,9 +63,9 @@ def judged(detectors: Sequence[Detector], split: FederationSplit, public_texts: 
         report = metrics.binary_report([ls.label for ls in part], scores_on(detectors, part), cut)
         keep = ("f1", "precision", "recall", "pr_auc", "roc_auc", "false_alarms_per_10k")
         out[name] = {k: (round(report[k], 4) if isinstance(report[k], float) else report[k]) for k in keep}
-    val = out["validation"]
-    fpr = (val["false_alarms_per_10k"] or 0) / 1e4
-    val["f1_at_natural_rate"] = round(metrics.f1_at_rate(val["recall"], fpr, NATURAL_RATE), 4)
+        if name == "validation":
+            fpr = report["fp"] / max(1, report["fp"] + report["tn"])
+            out[name]["f1_at_natural_rate"] = round(metrics.f1_at_rate(report["recall"], fpr, NATURAL_RATE), 4)
     return out
 
 
@@ -101,8 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write(args.out, json.dumps(result, indent=2))
         log.info("%s: %s", name, json.dumps(result["variants"][name]))
 
+    seeds = [int(s) for s in args.student_seeds.split(",")]
     members: list[Detector] = []
-    for seed in (int(s) for s in args.student_seeds.split(",")):
+    for seed in seeds:
         with clock("student"):
             distilled = rounds.distil(cfg.model_copy(update={"seeds": [seed]}), public_texts, matrix)
         members.append(Detector(distilled.artifact))
@@ -111,8 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record("ensemble", members, {"members": len(members)})
     relabel = 1.0 - rounds.public_probabilities(members[0], public_texts)  # high = normal, as teacher scores
     with clock("student"):
-        second = rounds.distil(cfg.model_copy(update={"seeds": [int(args.student_seeds.split(",")[0])]}),
-                               public_texts, relabel[None, :])
+        second = rounds.distil(cfg.model_copy(update={"seeds": seeds[:1]}), public_texts, relabel[None, :])
     record("self-training", [Detector(second.artifact)])
     print(json.dumps(result["variants"], indent=1))
     return 0
