@@ -5,7 +5,7 @@ import json
 import pytest
 
 from feddale.ops.cli import main
-from feddale.method.config import load_config
+from feddale.method.config import load_config, parse_override
 
 SMALL = [
     "--set", "data.n_clients=2", "--set", "data.public=[30,30]", "--set", "data.test=[20,20]",
@@ -56,6 +56,15 @@ def test_recipes_and_overrides():
         load_config("no-such-profile")
     with pytest.raises(ValueError):
         load_config("tiny", {"teacher.bogus": 1})
+
+
+def test_overrides_keep_yaml_words_that_are_choices():
+    """`off` is an autocast choice, not YAML 1.1's false; true/false and numbers still parse."""
+    assert parse_override("teacher.autocast=off") == ("teacher.autocast", "off")
+    assert parse_override("student.onnx=false") == ("student.onnx", False)
+    assert parse_override("data.public=[10, 20]") == ("data.public", [10, 20])
+    cfg = load_config("tiny", dict(parse_override(s) for s in ("teacher.autocast=off", "score.autocast=off")))
+    assert cfg.teacher.autocast == "off" == cfg.score.autocast
 
 
 def test_cli_reports_bad_config_as_an_error(capsys):

@@ -224,11 +224,18 @@ def load_config(
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`teacher.steps=20` -> ("teacher.steps", 20); values are parsed as YAML scalars/lists."""
+    """`teacher.steps=20` -> ("teacher.steps", 20); values are parsed as YAML scalars/lists.
+
+    Only ``true``/``false`` become booleans: YAML 1.1 also reads ``off``, ``on``, ``yes`` and ``no``
+    so, which would turn ``teacher.autocast=off`` (a valid choice) into a type error.
+    """
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"override {text!r} must look like section.field=value")
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        parsed = value.strip()
+    return key.strip(), parsed
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
