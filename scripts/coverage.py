@@ -16,6 +16,7 @@ way ``docs/quality.md`` §9 judges threshold rules); the natural-rate split is r
 and chooses nothing. Labels never reach training, selection or thresholds.
 
     .venv/bin/python scripts/coverage.py --data hdfs-csv:../shared/data/hdfs
+    .venv/bin/python scripts/coverage.py --sample-by texts --out runs/coverage-texts.json
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student-seeds", default="0,1,2", help="student seeds; the first one self-trains")
     parser.add_argument("--cache", type=Path, default=Path("runs/poisoning"))
     parser.add_argument("--out", type=Path, default=Path("runs/coverage.json"))
+    parser.add_argument("--sample-by", choices=("sessions", "texts"), default="sessions",
+                        help="what one student training draw stands for (student.sample_by)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
@@ -89,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     uploads = honest_pass(cfg, split, public_ref, run_id, args.cache, clock)
     payloads = {f"client-{c}": u.scores[cfg.score.top_k] for c, u in enumerate(uploads)}
     matrix = rounds.score_matrix(payloads, digest=public_ref.digest, run_id=run_id, round_no=1, count=public_ref.count)
+    # After the teacher pass: its cache key is the config, and the students' sampling is not the teachers'.
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"sample_by": args.sample_by})})
     result: dict[str, Any] = {
         "command": " ".join(["python", "scripts/coverage.py", *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": git_commit(), "machine": machine(), "data_source": source, "variants": {},

@@ -146,6 +146,11 @@ def test_sampling_probabilities_balance_classes_and_respect_counts():
     # Unbalanced classes (4 normal vs 5 anomalous by weight): without balancing, weight alone decides.
     p = sampling_probabilities([0, 0, 0, 1], [1, 1, 2, 5], balance=False)
     torch.testing.assert_close(p, torch.tensor([1, 1, 2, 5], dtype=torch.float64) / 9)
+    # By texts: counts no longer matter, only the classes' halves.
+    p = sampling_probabilities([0, 0, 0, 1], [1, 1, 2, 5], balance=True, by="texts")
+    torch.testing.assert_close(p, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5], dtype=torch.float64))
+    p = sampling_probabilities([0, 0, 0, 1], [1, 1, 2, 5], balance=False, by="texts")
+    torch.testing.assert_close(p, torch.full((4,), 0.25, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- artifact

@@ -41,6 +41,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 # bf16 autocast on CPU and CUDA where supported ("auto"), always, or never (fp32).
 Autocast = Literal["auto", "bf16", "off"]
+SampleBy = Literal["sessions", "texts"]
 
 
 class TeacherTrainConfig(BaseModel):
@@ -104,6 +105,10 @@ class StudentConfig(BaseModel):
     view: View = "compact"
     seed: int = Field(0, ge=0)
     balance: bool = True
+    # What one training draw stands for: a public *session* (a distinct text drawn as often as it
+    # occurs, the paper's) or a distinct *text* (each equally often, so the rarer normal texts are
+    # learnt too; docs/quality.md §13 measured it on validation).
+    sample_by: SampleBy = "sessions"
     autocast: Autocast = "auto"
     # Export the ONNX bundle the torch-free detector serves (needs the `onnx` extra); off only for
     # harness runs that never serve the student and would pay the export's seconds per student.

@@ -41,7 +41,7 @@ from feddale.method.artifact import (  # re-exported: the artifact's historical 
     content_digest,
     seal,
 )
-from feddale.method.config import StudentConfig
+from feddale.method.config import SampleBy, StudentConfig
 from feddale.method.preprocess import View, as_view
 
 __all__ = [
@@ -185,14 +185,18 @@ def _check_inputs(
     return texts, [int(x) for x in labels], [int(w) for w in weights]
 
 
-def sampling_probabilities(labels: Sequence[int], weights: Sequence[int], balance: bool) -> torch.Tensor:
+def sampling_probabilities(
+    labels: Sequence[int], weights: Sequence[int], balance: bool, by: SampleBy = "sessions"
+) -> torch.Tensor:
     """Per-row sampling probability: proportional to weight, each class half the mass if balanced.
 
     Weights are counts (a distinct text standing for many sessions), so sampling by weight
-    trains on the public set's real distribution without duplicating rows; balancing stops
-    the larger pseudo-class from dominating when the two sides differ in size.
+    (``by="sessions"``) trains on the public set's real distribution without duplicating rows;
+    ``by="texts"`` ignores the counts, so a normal text seen once is drawn as often as one seen a
+    hundred times: a student then learns the rarer normal sessions it would otherwise flag.
+    Balancing stops the larger pseudo-class from dominating when the two sides differ in size.
     """
-    w = torch.tensor(weights, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64) if by == "sessions" else torch.ones(len(weights), dtype=torch.float64)
     y = torch.tensor(labels)
     if not balance:
         return w / w.sum()
@@ -230,7 +234,7 @@ def train_student(
         encoded = [encoder.head(t) for t in texts]
         inputs = [ids for ids, _ in encoded]
         target = torch.tensor(labels)
-        probs = sampling_probabilities(labels, weights, cfg.balance)
+        probs = sampling_probabilities(labels, weights, cfg.balance, cfg.sample_by)
         generator = torch.Generator().manual_seed(cfg.seed)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
