@@ -91,10 +91,11 @@ def honest_pass(
     """Every client's one-shot distillation round (adapter and payload both kept), cached on disk.
 
     One teacher is loaded once and clients take turns on it from the seeded start, as the
-    simulator does; the cache key is the config and the public digest, so a changed recipe
-    never reads a stale pass.
+    simulator does; the cache key is the config the teachers use (all but the student's section)
+    and the public digest, so a changed teacher recipe never reads a stale pass and a student
+    variant re-uses it.
     """
-    key = hashlib.sha256((cfg.model_dump_json() + public_ref.digest).encode()).hexdigest()[:16]
+    key = hashlib.sha256((cfg.model_dump_json(exclude={"student"}) + public_ref.digest).encode()).hexdigest()[:16]
     folder = cache / key
     meta_path = folder / "meta.json"
     if meta_path.is_file():
