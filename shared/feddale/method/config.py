@@ -107,7 +107,7 @@ class StudentConfig(BaseModel):
     balance: bool = True
     # What one training draw stands for: a public *session* (a distinct text drawn as often as it
     # occurs, the paper's) or a distinct *text* (each equally often, so the rarer normal texts are
-    # learnt too; docs/quality.md §13 measured it on validation).
+    # learnt too). docs/quality.md §13: it mended one seed and collapsed another; no profile uses it.
     sample_by: SampleBy = "sessions"
     autocast: Autocast = "auto"
     # Export the ONNX bundle the torch-free detector serves (needs the `onnx` extra); off only for
