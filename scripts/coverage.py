@@ -84,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     clock = PhaseClock()
     cfg = experiment_config(args.data, args.seed)
+    # The teacher pass's cache key leaves the student's section out, so this re-uses the pass.
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"sample_by": args.sample_by})})
     source = resolve_source(cfg.data)
     split = federation_split(cfg.data, args.seed, source)
     public_texts = [s.text for s in split.public]
@@ -92,8 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     uploads = honest_pass(cfg, split, public_ref, run_id, args.cache, clock)
     payloads = {f"client-{c}": u.scores[cfg.score.top_k] for c, u in enumerate(uploads)}
     matrix = rounds.score_matrix(payloads, digest=public_ref.digest, run_id=run_id, round_no=1, count=public_ref.count)
-    # After the teacher pass: its cache key is the config, and the students' sampling is not the teachers'.
-    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"sample_by": args.sample_by})})
     result: dict[str, Any] = {
         "command": " ".join(["python", "scripts/coverage.py", *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": git_commit(), "machine": machine(), "data_source": source, "variants": {},
